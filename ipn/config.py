@@ -1,0 +1,317 @@
+"""Settings read once from the environment and checked at start-up, not at the first callback."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from ipn.errors import ConfigurationError
+
+# The ids seen in CubePay's docs and SDKs; others come from its /currency endpoints.
+CUBEPAY_CURRENCY_IDS = {"ETH": 1, "BTC": 2, "USDT": 3, "LTC": 4, "TWD": 443, "USD": 447}
+
+PROVIDERS = ("cubepay", "bitcoinpaygate", "coinbarpay", "cryptoprocessing")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class CubePaySettings:
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    api_url: str = "https://api.cubepay.io"
+    # CubePay names coins and fiat currencies by number; extend with CUBEPAY_CURRENCY_IDS.
+    currency_ids: Mapping[str, int] = field(default_factory=lambda: dict(CUBEPAY_CURRENCY_IDS))
+    allowed_ips: tuple[IPNetwork, ...] = ()
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.client_id and self.client_secret)
+
+
+@dataclass(frozen=True)
+class BitcoinPaygateSettings:
+    api_key_name: str | None = None
+    api_key_secret: str | None = field(default=None, repr=False)
+    hmac_key: str | None = field(default=None, repr=False)
+    api_url: str = "https://api.bitcoinpaygate.com"
+    allowed_ips: tuple[IPNetwork, ...] = ()
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_key_name and self.api_key_secret)
+
+
+@dataclass(frozen=True)
+class CoinbarPaySettings:
+    service_client_id: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    api_url: str = "https://sandbox.coinbar.io"
+    token_api_key: str | None = field(default=None, repr=False)
+    token_secret: str | None = field(default=None, repr=False)
+    # What a GET with no body signs: "{}" (default) or "" (COINBARPAY_SIGN_EMPTY_GET=empty).
+    empty_body_signs: str = "{}"
+    # How long a created payment stays payable when the answer does not say.
+    payment_timeout: timedelta = timedelta(minutes=30)
+    allowed_ips: tuple[IPNetwork, ...] = ()
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.service_client_id and self.secret_key)
+
+    @property
+    def legacy_tokens(self) -> bool:
+        return bool(self.token_api_key and self.token_secret)
+
+
+@dataclass(frozen=True)
+class CryptoProcessingSettings:
+    api_key: str | None = None
+    secret: str | None = field(default=None, repr=False)
+    api_url: str = "https://app.cryptoprocessing.com"
+    # `life_time_duration` sent with each payment request.
+    life_time: timedelta = timedelta(hours=1)
+    allowed_ips: tuple[IPNetwork, ...] = ()
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_key and self.secret)
+
+
+ProviderSettings = (
+    CubePaySettings | BitcoinPaygateSettings | CoinbarPaySettings | CryptoProcessingSettings
+)
+
+
+@dataclass(frozen=True)
+class HTTPSettings:
+    """How the server-to-server clients talk to providers."""
+
+    connect_timeout: float = 3.05
+    read_timeout: float = 10.0
+    attempts: int = 3
+    backoff_max: float = 2.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str | None = None
+    api_token: str | None = field(default=None, repr=False)
+    public_url: str = "http://localhost:8000"
+    max_body_bytes: int = 65536
+    port: int = 8000
+    data_dir: Path = Path(".")
+    queue: str = "ipn"
+    trusted_proxies: int = 0
+    expiry_grace: timedelta = timedelta(minutes=10)
+    coinbarpay_refund_window: timedelta = timedelta(days=30)
+    # A notification task retries transient failures this many times before the row is `failed`.
+    task_max_retries: int = 5
+    task_retry_backoff_max: int = 300
+    # Rows still `received` this long after their last attempt are enqueued again by the sweeper;
+    # after `max_attempts` attempts they go `dead`.
+    sweep_after: timedelta = timedelta(minutes=3)
+    max_attempts: int = 8
+    # Redis: an unacknowledged message comes back after this long; keep it above any retry delay.
+    visibility_timeout: int = 3600
+    http: HTTPSettings = HTTPSettings()
+    cubepay: CubePaySettings = CubePaySettings()
+    bitcoinpaygate: BitcoinPaygateSettings = BitcoinPaygateSettings()
+    coinbarpay: CoinbarPaySettings = CoinbarPaySettings()
+    cryptoprocessing: CryptoProcessingSettings = CryptoProcessingSettings()
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis is configured: the broker lives in a SQLite file beside the data."""
+        return self.redis_url is None
+
+    @property
+    def broker_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        return f"sqla+sqlite:///{(self.data_dir / 'ipn-broker.sqlite').resolve()}"
+
+    def provider(self, name: str) -> ProviderSettings:
+        if name not in PROVIDERS:
+            raise KeyError(name)
+        value: ProviderSettings = getattr(self, name)
+        return value
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from the environment; raise ConfigurationError naming the bad one."""
+        env = os.environ if env is None else env
+        reader = _EnvReader(env)
+        data_dir = Path(reader.text("IPN_DATA_DIR") or ".")
+        database_url = reader.text("DATABASE_URL") or (
+            f"sqlite:///{(data_dir / 'ipn.sqlite').resolve()}"
+        )
+        # Heroku-style URLs name the old driver; SQLAlchemy wants psycopg 3 spelled out.
+        for prefix in ("postgres://", "postgresql://"):
+            if database_url.startswith(prefix):
+                database_url = "postgresql+psycopg://" + database_url[len(prefix) :]
+        settings = cls(
+            database_url=database_url,
+            redis_url=reader.text("REDIS_URL"),
+            api_token=reader.text("IPN_API_TOKEN"),
+            public_url=(reader.text("IPN_PUBLIC_URL") or "http://localhost:8000").rstrip("/"),
+            max_body_bytes=reader.integer("IPN_MAX_BODY_BYTES", 65536, minimum=1024),
+            port=reader.integer("PORT", 8000, minimum=1, maximum=65535),
+            data_dir=data_dir,
+            queue=reader.text("IPN_QUEUE") or "ipn",
+            trusted_proxies=reader.integer("IPN_TRUSTED_PROXIES", 0, minimum=0, maximum=10),
+            expiry_grace=timedelta(seconds=reader.integer("IPN_EXPIRY_GRACE_SECONDS", 600)),
+            coinbarpay_refund_window=timedelta(
+                days=reader.integer("COINBARPAY_REFUND_WINDOW_DAYS", 30)
+            ),
+            task_max_retries=reader.integer("IPN_TASK_MAX_RETRIES", 5),
+            task_retry_backoff_max=reader.integer("IPN_TASK_RETRY_BACKOFF_MAX", 300, minimum=1),
+            sweep_after=timedelta(seconds=reader.integer("IPN_SWEEP_AFTER_SECONDS", 180)),
+            max_attempts=reader.integer("IPN_MAX_ATTEMPTS", 8, minimum=1),
+            visibility_timeout=reader.integer("IPN_VISIBILITY_TIMEOUT", 3600, minimum=1),
+            http=HTTPSettings(
+                connect_timeout=reader.number("IPN_HTTP_CONNECT_TIMEOUT", 3.05),
+                read_timeout=reader.number("IPN_HTTP_READ_TIMEOUT", 10.0),
+                attempts=reader.integer("IPN_HTTP_ATTEMPTS", 3, minimum=1, maximum=10),
+                backoff_max=reader.number("IPN_HTTP_BACKOFF_MAX", 2.0),
+            ),
+            cubepay=CubePaySettings(
+                client_id=reader.text("CUBEPAY_CLIENT_ID"),
+                client_secret=reader.text("CUBEPAY_CLIENT_SECRET"),
+                api_url=reader.url("CUBEPAY_API_URL", "https://api.cubepay.io"),
+                currency_ids=reader.currency_ids("CUBEPAY_CURRENCY_IDS", CUBEPAY_CURRENCY_IDS),
+                allowed_ips=reader.networks("CUBEPAY_ALLOWED_IPS"),
+            ),
+            bitcoinpaygate=BitcoinPaygateSettings(
+                api_key_name=reader.text("BITCOINPAYGATE_API_KEY_NAME"),
+                api_key_secret=reader.text("BITCOINPAYGATE_API_KEY_SECRET"),
+                hmac_key=reader.text("BITCOINPAYGATE_HMAC_KEY"),
+                api_url=reader.url("BITCOINPAYGATE_API_URL", "https://api.bitcoinpaygate.com"),
+                allowed_ips=reader.networks("BITCOINPAYGATE_ALLOWED_IPS"),
+            ),
+            coinbarpay=CoinbarPaySettings(
+                service_client_id=reader.text("COINBARPAY_SERVICE_CLIENT_ID"),
+                secret_key=reader.text("COINBARPAY_SECRET_KEY"),
+                api_url=reader.url("COINBARPAY_API_URL", "https://sandbox.coinbar.io"),
+                token_api_key=reader.text("COINBARPAY_TOKEN_API_KEY"),
+                token_secret=reader.text("COINBARPAY_TOKEN_SECRET"),
+                empty_body_signs=reader.choice(
+                    "COINBARPAY_SIGN_EMPTY_GET", {"json": "{}", "empty": ""}, "json"
+                ),
+                payment_timeout=timedelta(
+                    minutes=reader.integer("COINBARPAY_PAYMENT_TIMEOUT_MINUTES", 30, minimum=1)
+                ),
+                allowed_ips=reader.networks("COINBARPAY_ALLOWED_IPS"),
+            ),
+            cryptoprocessing=CryptoProcessingSettings(
+                api_key=reader.text("CRYPTOPROCESSING_API_KEY"),
+                secret=reader.text("CRYPTOPROCESSING_SECRET"),
+                api_url=reader.url("CRYPTOPROCESSING_API_URL", "https://app.cryptoprocessing.com"),
+                life_time=timedelta(
+                    seconds=reader.integer("CRYPTOPROCESSING_LIFE_TIME_SECONDS", 3600, minimum=60)
+                ),
+                allowed_ips=reader.networks("CRYPTOPROCESSING_ALLOWED_IPS"),
+            ),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse combinations that would only fail later, at the first callback."""
+        if not self.database_url.split(":", 1)[0].startswith(("sqlite", "postgresql")):
+            raise ConfigurationError("DATABASE_URL must be a sqlite:// or postgresql:// URL")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ConfigurationError("REDIS_URL must be a redis:// or rediss:// URL")
+        if self.coinbarpay.legacy_tokens:
+            key, iv = self.coinbarpay.token_api_key or "", self.coinbarpay.token_secret or ""
+            if len(key.encode()) != 32 or len(iv.encode()) != 16:
+                raise ConfigurationError(
+                    "COINBARPAY_TOKEN_API_KEY must be 32 bytes and COINBARPAY_TOKEN_SECRET 16 bytes"
+                )
+        if self.task_retry_backoff_max >= self.visibility_timeout:
+            raise ConfigurationError(
+                "IPN_TASK_RETRY_BACKOFF_MAX must be shorter than IPN_VISIBILITY_TIMEOUT"
+            )
+
+
+class _EnvReader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def integer(
+        self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be a whole number, not {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum}" + (f" to {maximum}" if maximum is not None else " up")
+            raise ConfigurationError(f"{name} must be {bound}, not {value}")
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be a number, not {raw!r}") from None
+        if value <= 0:
+            raise ConfigurationError(f"{name} must be positive, not {raw!r}")
+        return value
+
+    def url(self, name: str, default: str) -> str:
+        value = self.text(name) or default
+        if not value.startswith(("http://", "https://")):
+            raise ConfigurationError(f"{name} must be an http(s) URL, not {value!r}")
+        return value.rstrip("/")
+
+    def choice(self, name: str, choices: Mapping[str, str], default: str) -> str:
+        raw = (self.text(name) or default).lower()
+        if raw not in choices:
+            raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+        return choices[raw]
+
+    def currency_ids(self, name: str, defaults: Mapping[str, int]) -> dict[str, int]:
+        """`EUR=446,GBP=445` on top of the defaults."""
+        ids = dict(defaults)
+        raw = self.text(name)
+        for part in (raw or "").split(","):
+            if not part.strip():
+                continue
+            code, _, number = part.partition("=")
+            if not code.strip() or not number.strip().isdigit():
+                raise ConfigurationError(f"{name} must look like EUR=446,GBP=445, not {part!r}")
+            ids[code.strip().upper()] = int(number)
+        return ids
+
+    def networks(self, name: str) -> tuple[IPNetwork, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        try:
+            return tuple(
+                ipaddress.ip_network(part.strip(), strict=False)
+                for part in raw.split(",")
+                if part.strip()
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"{name}: {exc}") from None

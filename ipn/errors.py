@@ -1,0 +1,55 @@
+"""The project's exceptions, drawn as a tree where they are defined.
+
+IPNError
+ ├── ConfigurationError        bad settings, refused at start-up
+ ├── CallbackError             the stored callback cannot be acted on; the row is `rejected`
+ │    ├── MalformedCallback    not the shape the provider sends (bad JSON, missing fields, ...)
+ │    └── ForgedCallback       a signature, token, client id or key present and wrong
+ ├── ProviderError             a server-to-server call did not give an answer we can use
+ │    ├── ProviderUnavailable  transient (timeout, connection, 5xx, 429, garbage): retry later
+ │    └── ProviderRejected     permanent (auth, bad request): retrying will not help
+ │         └── PaymentNotFound the provider does not know the payment
+ └── ConcurrentUpdate          a compare-and-set lost a race; run the transaction again
+"""
+
+from __future__ import annotations
+
+
+class IPNError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigurationError(IPNError):
+    pass
+
+
+class CallbackError(IPNError):
+    pass
+
+
+class MalformedCallback(CallbackError):
+    pass
+
+
+class ForgedCallback(CallbackError):
+    pass
+
+
+class ProviderError(IPNError):
+    pass
+
+
+class ProviderUnavailable(ProviderError):
+    pass
+
+
+class ProviderRejected(ProviderError):
+    pass
+
+
+class PaymentNotFound(ProviderRejected):
+    pass
+
+
+class ConcurrentUpdate(IPNError):
+    pass

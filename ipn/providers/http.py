@@ -1,0 +1,121 @@
+"""Server-to-server calls: timeouts, transient or permanent errors, retries on transient ones."""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+from typing import Any
+
+import requests
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from ipn.config import HTTPSettings
+from ipn.errors import PaymentNotFound, ProviderRejected, ProviderUnavailable
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 300
+
+
+def call_json(
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    http: HTTPSettings,
+    provider: str,
+    **kwargs: Any,
+) -> Any:
+    """Send one request, retrying transient failures, and return the JSON answer (Decimals).
+
+    Raises ProviderUnavailable for timeouts, connection errors, 429, 5xx and answers that are
+    not JSON (after the last retry); PaymentNotFound for 404; ProviderRejected for other 4xx.
+    """
+
+    @retry(
+        retry=retry_if_exception_type(ProviderUnavailable),
+        stop=stop_after_attempt(http.attempts),
+        wait=wait_exponential_jitter(initial=0.1, max=http.backoff_max),
+        reraise=True,
+    )
+    def attempt() -> Any:
+        try:
+            response = session.request(
+                method, url, timeout=(http.connect_timeout, http.read_timeout), **kwargs
+            )
+        except requests.Timeout:
+            raise ProviderUnavailable(f"{provider}: {method} {_path(url)} timed out") from None
+        except requests.RequestException as exc:
+            raise ProviderUnavailable(
+                f"{provider}: {method} {_path(url)} failed: {type(exc).__name__}"
+            ) from None
+        log.info(
+            "%s %s %s -> %s in %.0f ms",
+            provider,
+            method,
+            _path(url),
+            response.status_code,
+            response.elapsed.total_seconds() * 1000,
+        )
+        return read_answer(response, provider)
+
+    return attempt()
+
+
+def read_answer(response: requests.Response, provider: str) -> Any:
+    """Classify a provider's HTTP answer, returning its JSON on success."""
+    status = response.status_code
+    where = f"{provider}: {response.request.method} {_path(response.url)}"
+    if status == 429 or status >= 500:
+        raise ProviderUnavailable(f"{where} answered {status}: {error_message(response)}")
+    if status == 404:
+        raise PaymentNotFound(f"{where} answered 404: {error_message(response)}")
+    if status >= 400:
+        raise ProviderRejected(f"{where} answered {status}: {error_message(response)}")
+    try:
+        return json.loads(response.content.decode("utf-8"), parse_float=Decimal)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProviderUnavailable(
+            f"{where} answered {status} with a body that is not JSON: "
+            f"{_clip(response.content.decode('utf-8', 'replace'))}"
+        ) from None
+
+
+def error_message(response: requests.Response) -> str:
+    """The provider's own words from an error answer, in any of the shapes providers use."""
+    try:
+        payload = response.json()
+    except ValueError:
+        return _clip(response.text) or response.reason or "no message"
+    return _clip(message_from(payload)) or response.reason or "no message"
+
+
+def message_from(payload: Any) -> str:
+    if isinstance(payload, list):  # BitcoinPaygate: [{"message": "..."}, ...]
+        return "; ".join(message_from(item) for item in payload)
+    if isinstance(payload, dict):
+        for key in ("message", "error", "data", "status_descr", "detail"):
+            value = payload.get(key)
+            if isinstance(value, str) and value:
+                return value
+            if isinstance(value, dict | list) and value:
+                return message_from(value)
+        return json.dumps(payload, default=str)
+    return str(payload)
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+
+
+def _path(url: str) -> str:
+    """The URL without scheme and host, for logs: hosts are config, paths tell what happened."""
+    rest = url.split("://", 1)[-1]
+    return "/" + rest.split("/", 1)[1] if "/" in rest else "/"

@@ -1,0 +1,34 @@
+"""The data: payments and their timeline, the inbox of notifications, and anomalies for review."""
+
+from models.anomaly import Anomaly, AnomalyKind, AnomalyStatus
+from models.base import Base, Money, UTCDateTime, new_id, utcnow
+from models.notification import (
+    Notification,
+    NotificationKind,
+    NotificationReplay,
+    NotificationStatus,
+    ReplayMode,
+)
+from models.payment import OPEN, TERMINAL, EventSource, Payment, PaymentEvent, PaymentStatus
+
+__all__ = [
+    "OPEN",
+    "TERMINAL",
+    "Anomaly",
+    "AnomalyKind",
+    "AnomalyStatus",
+    "Base",
+    "EventSource",
+    "Money",
+    "Notification",
+    "NotificationKind",
+    "NotificationReplay",
+    "NotificationStatus",
+    "Payment",
+    "PaymentEvent",
+    "PaymentStatus",
+    "ReplayMode",
+    "UTCDateTime",
+    "new_id",
+    "utcnow",
+]
