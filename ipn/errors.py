@@ -23,6 +23,13 @@ class ConfigurationError(IPNError):
     pass
 
 
+class InvalidPaymentRequest(IPNError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 class CallbackError(IPNError):
     pass
 

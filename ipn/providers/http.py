@@ -30,17 +30,19 @@ def call_json(
     *,
     http: HTTPSettings,
     provider: str,
+    attempts: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """Send one request, retrying transient failures, and return the JSON answer (Decimals).
 
     Raises ProviderUnavailable for timeouts, connection errors, 429, 5xx and answers that are
     not JSON (after the last retry); PaymentNotFound for 404; ProviderRejected for other 4xx.
+    `attempts=1` for calls that must not be repeated blindly, such as creating a payment.
     """
 
     @retry(
         retry=retry_if_exception_type(ProviderUnavailable),
-        stop=stop_after_attempt(http.attempts),
+        stop=stop_after_attempt(attempts or http.attempts),
         wait=wait_exponential_jitter(initial=0.1, max=http.backoff_max),
         reraise=True,
     )
