@@ -43,7 +43,7 @@ def call_json(
     @retry(
         retry=retry_if_exception_type(ProviderUnavailable),
         stop=stop_after_attempt(attempts or http.attempts),
-        wait=wait_exponential_jitter(initial=0.1, max=http.backoff_max),
+        wait=wait_exponential_jitter(multiplier=0.1, max=http.backoff_max),
         reraise=True,
     )
     def attempt() -> Any:
