@@ -1,0 +1,60 @@
+"""Builds the web application, with its Celery app and services, from settings."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from ipn.config import Settings
+from ipn.dispatch import Dispatcher
+from ipn.services import Services
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app; settings come from the environment unless a test passes its own."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__, static_folder=None)
+    # One byte over the cap, so that the callback view can tell a body at the cap from one
+    # beyond it (see ipn.callbacks.receive).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies
+        )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    services = Services.from_settings(settings)
+    app.extensions["ipn"] = services
+
+    from workers.app import make_celery
+
+    celery = make_celery(app, settings)
+    app.extensions["celery"] = celery
+    app.extensions["ipn.dispatcher"] = Dispatcher(
+        lambda notification_id: celery.send_task(
+            "ipn.process_notification", args=[notification_id], retry=False
+        )
+    )
+
+    from ipn import api, callbacks, cli, health
+
+    app.register_blueprint(callbacks.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(api.bp)
+    cli.register(app)
+
+    @app.errorhandler(HTTPException)
+    def plain_http_error(error: HTTPException) -> Response:
+        # No HTML pages and never a stack trace: a short line a provider's log can show.
+        return Response(
+            f"{error.code} {error.name}: {error.description}\n",
+            status=error.code,
+            mimetype="text/plain",
+        )
+
+    return app

@@ -32,6 +32,11 @@ class NotificationKind(enum.StrEnum):
     CALLBACK = "callback"
 
 
+class ReplayMode(enum.StrEnum):
+    STORED = "stored"  # run the stored callback through the same path again
+    REFETCH = "refetch"  # ask the provider afresh, whatever the stored callback says
+
+
 class Notification(Base):
     __tablename__ = "notifications"
     __table_args__ = (
@@ -58,12 +63,9 @@ class Notification(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     outcome: Mapped[str | None] = mapped_column(Text)
     processed_at: Mapped[datetime | None]
+    # Set by an operator replay until the replay has run, so its effect is told as a replay.
+    replay_mode: Mapped[ReplayMode | None] = mapped_column(enum_column(ReplayMode))
     payment_id: Mapped[str | None] = mapped_column(ForeignKey("payments.id"), index=True)
-
-
-class ReplayMode(enum.StrEnum):
-    STORED = "stored"  # run the stored callback through the same path again
-    REFETCH = "refetch"  # ask the provider afresh, whatever the stored callback says
 
 
 class NotificationReplay(Base):

@@ -89,9 +89,13 @@ class Payment(Base):
     checks: Mapped[int] = mapped_column(default=0)
     # Per-payment secret the provider echoes back (CubePay `other`); never logged or shown.
     callback_token: Mapped[str | None] = mapped_column(String(64))
+    # Every UPDATE is a compare-and-set on this column (SQLAlchemy raises StaleDataError when
+    # the row changed underneath): concurrent workers cannot both apply a transition.
     version: Mapped[int] = mapped_column(default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __mapper_args__ = {"version_id_col": version}
 
     def __repr__(self) -> str:
         return f"<Payment {self.id} {self.provider}:{self.order_id} {self.status.value}>"

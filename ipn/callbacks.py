@@ -1,0 +1,56 @@
+"""The callback endpoints: store the raw request in one INSERT, commit, enqueue, answer."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, current_app, request
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from ipn.inbox import store_callback
+from ipn.metrics import CALLBACKS_RECEIVED, CALLBACKS_UNSTORED
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("callbacks", __name__, url_prefix="/ipn")
+
+# path -> (provider, kind)
+ENDPOINTS = {
+    "/cubepay": ("cubepay", "ipn"),
+    "/bitcoinpaygate/notification": ("bitcoinpaygate", "notification"),
+    "/bitcoinpaygate/anomaly": ("bitcoinpaygate", "anomaly"),
+    "/coinbarpay": ("coinbarpay", "callback"),
+    "/cryptoprocessing": ("cryptoprocessing", "callback"),
+}
+
+
+def receive(provider: str, kind: str) -> Response:
+    services = current_app.extensions["ipn"]
+    body = request.get_data(cache=False)
+    # The app's MAX_CONTENT_LENGTH is one byte over the cap: a declared length over it is
+    # refused before reading, and a chunked body (no length) reads one byte too many. Werkzeug
+    # would otherwise cut a chunked body at the limit without a word, and store it truncated.
+    if len(body) > services.settings.max_body_bytes:
+        raise RequestEntityTooLarge()
+    try:
+        notification_id = store_callback(
+            services.db, provider, kind, body, dict(request.headers), request.remote_addr
+        )
+    except SQLAlchemyError as exc:
+        CALLBACKS_UNSTORED.labels(provider).inc()
+        log.error("%s %s callback not stored: %s", provider, kind, type(exc).__name__)
+        # Not 200: the provider must send it again.
+        return Response("unavailable\n", status=503, mimetype="text/plain")
+    CALLBACKS_RECEIVED.labels(provider, kind).inc()
+    current_app.extensions["ipn.dispatcher"].submit(notification_id)
+    return Response("success", status=200, mimetype="text/plain")
+
+
+for _path, (_provider, _kind) in ENDPOINTS.items():
+    bp.add_url_rule(
+        _path,
+        endpoint=f"{_provider}_{_kind}",
+        view_func=lambda provider=_provider, kind=_kind: receive(provider, kind),
+        methods=["POST"],
+    )

@@ -1,0 +1,424 @@
+"""The `ipn` command line: run the service, migrate, and the operator's lists, shows and replays."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup, FlaskGroup
+from sqlalchemy import select
+
+from ipn import replay as replays
+from ipn import serialize
+from ipn.anomalies import resolve_anomaly
+from ipn.config import PROVIDERS, Settings
+from ipn.errors import ConfigurationError
+from ipn.services import Services
+from models import (
+    Anomaly,
+    AnomalyStatus,
+    Notification,
+    NotificationStatus,
+    Payment,
+    ReplayMode,
+)
+
+PAGE = 500
+
+
+def main() -> None:
+    """Entry point of the `ipn` console script."""
+    try:
+        settings = Settings.from_env()
+    except ConfigurationError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+
+    def load() -> Flask:
+        from ipn import create_app
+
+        return create_app(settings)
+
+    group = FlaskGroup(
+        name="ipn",
+        create_app=load,
+        add_default_commands=False,
+        add_version_option=False,
+        load_dotenv=False,
+        help="Webhook/IPN receiver and reconciliation worker for crypto payment providers.",
+    )
+    group.main(prog_name="ipn")
+
+
+def register(app: Flask) -> None:
+    for command in (db, notifications, payments, anomalies, replay, sweep, run):
+        app.cli.add_command(command)
+
+
+def services() -> Services:
+    value: Services = current_app.extensions["ipn"]
+    return value
+
+
+def send(notification_id: int) -> None:
+    current_app.extensions["celery"].send_task(
+        "ipn.process_notification", args=[notification_id], retry=False
+    )
+
+
+def parse_time_option(
+    _ctx: click.Context, param: click.Parameter, value: str | None
+) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return serialize.parse_time(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+provider_option = click.option("--provider", type=click.Choice(PROVIDERS), help="Only this one.")
+since_option = click.option(
+    "--since",
+    callback=parse_time_option,
+    help="Received at or after (ISO 8601, or an age: 30m, 6h, 2d).",
+)
+until_option = click.option(
+    "--until", callback=parse_time_option, help="Received before (ISO 8601, or an age)."
+)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the API's JSON objects, one a line."
+)
+notification_status = click.Choice([s.value for s in NotificationStatus])
+
+
+# --- database -------------------------------------------------------------------------------
+
+db = AppGroup("db", help="Database schema.")
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply pending migrations."""
+    from ipn import migrate
+
+    migrate.upgrade(services().db)
+    click.echo("database is up to date")
+
+
+# --- notifications --------------------------------------------------------------------------
+
+notifications = AppGroup("notifications", help="The inbox of received callbacks.")
+
+
+@notifications.command("list")
+@provider_option
+@click.option("--status", type=notification_status)
+@since_option
+@until_option
+@json_option
+def notifications_list(
+    provider: str | None,
+    status: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    as_json: bool,
+) -> None:
+    """Every matching notification, oldest first."""
+    which = replays.ReplayFilter(
+        provider, NotificationStatus(status) if status else None, since, until
+    )
+    rows = _keyset(which.apply(select(Notification)), Notification.id)
+    _print(
+        rows,
+        serialize.notification,
+        as_json,
+        [
+            ("id", 6),
+            ("provider", 16),
+            ("kind", 12),
+            ("status", 9),
+            ("received_at", 27),
+            ("attempts", 8),
+            ("payment_id", 31),
+            ("outcome", 0),
+        ],
+        extra=lambda item: {
+            "outcome": item["last_error"]
+            if item["status"] in ("rejected", "failed", "dead")
+            else item["outcome"]
+        },
+    )
+
+
+@notifications.command("show")
+@click.argument("notification_id", type=int)
+@json_option
+def notifications_show(notification_id: int, as_json: bool) -> None:
+    """One notification with its headers (secrets masked), body and replays."""
+    with services().db.sessions() as session:
+        row = session.get(Notification, notification_id)
+        if row is None:
+            raise click.ClickException(f"no notification {notification_id}")
+        detail = serialize.notification_detail(session, row)
+    if as_json:
+        click.echo(serialize.dumps(detail))
+        return
+    for key in (
+        "id",
+        "provider",
+        "kind",
+        "status",
+        "received_at",
+        "processed_at",
+        "attempts",
+        "remote_addr",
+        "payment_id",
+        "outcome",
+        "last_error",
+        "body_sha256",
+    ):
+        click.echo(f"{key:>13}: {detail[key] if detail[key] is not None else '-'}")
+    click.echo("      headers:")
+    for name, value in detail["headers"].items():
+        click.echo(f"               {name}: {value}")
+    click.echo(f"         body: ({detail['body_encoding']}) {detail['body']}")
+    for r in detail["replays"]:
+        click.echo(
+            f"       replay: {r['at']} {r['mode']} by {r['requested_by']} "
+            f"(was {r['previous_status']})"
+        )
+
+
+# --- payments -------------------------------------------------------------------------------
+
+payments = AppGroup("payments", help="Payments and their timelines.")
+
+
+@payments.command("show")
+@click.argument("reference")
+@json_option
+def payments_show(reference: str, as_json: bool) -> None:
+    """A payment by our id or the merchant's order id, with its timeline and anomalies."""
+    with services().db.sessions() as session:
+        payment = session.get(Payment, reference)
+        if payment is None:
+            found = session.scalars(select(Payment).where(Payment.order_id == reference)).all()
+            if len(found) > 1:
+                names = ", ".join(f"{p.provider} ({p.id})" for p in found)
+                raise click.ClickException(
+                    f"order id {reference!r} is used at {names}: give the payment id"
+                )
+            if not found:
+                raise click.ClickException(f"no payment with id or order id {reference!r}")
+            payment = found[0]
+        detail = serialize.payment_detail(session, payment)
+    if as_json:
+        click.echo(serialize.dumps(detail))
+        return
+    for key in (
+        "id",
+        "provider",
+        "order_id",
+        "provider_payment_id",
+        "status",
+        "provider_status",
+        "amount",
+        "currency",
+        "pay_amount",
+        "pay_currency",
+        "paid_amount",
+        "pay_address",
+        "expires_at",
+        "created_at",
+        "updated_at",
+    ):
+        click.echo(f"{key:>19}: {detail[key] if detail[key] is not None else '-'}")
+    click.echo("timeline:")
+    for e in detail["timeline"]:
+        move = f"{e['from_status'] or '-'} -> {e['to_status']}"
+        click.echo(f"  {e['at']}  {e['source']:<9} {move:<24} {e['detail']}")
+    if detail["anomalies"]:
+        click.echo("anomalies:")
+        for a in detail["anomalies"]:
+            click.echo(
+                f"  #{a['id']} {a['kind']} ({a['status']}): {a['evidence'].get('detail', '')}"
+            )
+
+
+# --- anomalies ------------------------------------------------------------------------------
+
+anomalies = AppGroup("anomalies", help="What needs a human.")
+
+
+@anomalies.command("list")
+@click.option(
+    "--status", type=click.Choice(["open", "resolved", "all"]), default="open", show_default=True
+)
+@json_option
+def anomalies_list(status: str, as_json: bool) -> None:
+    """Every anomaly with that status, oldest first."""
+    query = select(Anomaly)
+    if status != "all":
+        query = query.where(Anomaly.status == AnomalyStatus(status))
+    _print(
+        _keyset(query, Anomaly.id),
+        serialize.anomaly,
+        as_json,
+        [
+            ("id", 6),
+            ("kind", 18),
+            ("status", 9),
+            ("payment_id", 31),
+            ("created_at", 27),
+            ("detail", 0),
+        ],
+        extra=lambda item: {"detail": item["evidence"].get("detail", "")},
+    )
+
+
+@anomalies.command("resolve")
+@click.argument("anomaly_id", type=int)
+@click.option("--resolution", required=True, help="What was done about it.")
+def anomalies_resolve(anomaly_id: int, resolution: str) -> None:
+    """Close an anomaly, saying what was done."""
+    if not resolution.strip():
+        raise click.BadParameter("say what was done", param_hint="--resolution")
+    try:
+        with services().db.transaction() as session:
+            resolve_anomaly(session, anomaly_id, resolution.strip(), by="cli")
+    except (LookupError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip("'")) from None
+    click.echo(f"anomaly {anomaly_id} resolved")
+
+
+# --- replay and sweep -----------------------------------------------------------------------
+
+
+@click.command("replay")
+@click.argument("ids", nargs=-1, type=int)
+@provider_option
+@click.option("--status", type=notification_status)
+@since_option
+@until_option
+@click.option("--refetch", is_flag=True, help="Ask the provider afresh, whatever was stored.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be replayed.")
+@json_option
+def replay(
+    ids: Sequence[int],
+    provider: str | None,
+    status: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    refetch: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Run notifications through the same path again: by ids, or by filters (combined with AND).
+    Safe: a notification already applied changes nothing the second time."""
+    which = replays.ReplayFilter(
+        provider, NotificationStatus(status) if status else None, since, until
+    )
+    if ids and which:
+        raise click.UsageError("give ids or filters, not both")
+    if not ids and not which:
+        raise click.UsageError(
+            "give notification ids, or at least one of --provider, --status, --since, --until"
+        )
+    if ids:
+        missing = sorted(set(ids) - replays.existing(services(), ids))
+        if missing:
+            raise click.ClickException(f"no notification {', '.join(map(str, missing))}")
+        chosen = list(dict.fromkeys(ids))
+    else:
+        chosen = list(replays.matching_ids(services(), which))
+    mode = ReplayMode.REFETCH if refetch else ReplayMode.STORED
+    if not dry_run:
+        replays.replay(services(), chosen, mode, send, requested_by="cli")
+    if as_json:
+        click.echo(
+            serialize.dumps(
+                {"count": len(chosen), "ids": chosen, "mode": mode.value, "dry_run": dry_run}
+            )
+        )
+        return
+    verb = "would replay" if dry_run else "replayed"
+    for notification_id in chosen:
+        click.echo(f"{verb} {notification_id}")
+    click.echo(f"{verb} {len(chosen)} notification{'s' if len(chosen) != 1 else ''} ({mode})")
+
+
+@click.command("sweep")
+def sweep() -> None:
+    """Enqueue again inbox rows stuck in `received`; mark those out of attempts `dead`."""
+    from ipn.sweeper import sweep_inbox
+
+    click.echo(f"inbox sweep: {sweep_inbox(services(), send)}")
+
+
+@click.command("run")
+@click.option("--port", type=click.IntRange(1, 65535), help="Default: $PORT or 8000.")
+@click.option(
+    "--sandbox",
+    is_flag=True,
+    help="Also start the provider sandbox and point every provider at it.",
+)
+def run(port: int | None, sandbox: bool) -> None:
+    """Web, worker and scheduler together (the embedded default needs no other server)."""
+    from ipn.runner import run_all
+
+    sys.exit(run_all(services().settings, port=port, sandbox=sandbox))
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _keyset(query: Any, key: Any) -> Iterable[Any]:
+    """Every matching row, a page at a time, so a long list never sits in memory at once."""
+    last: Any = None
+    while True:
+        page_query = query.order_by(key).limit(PAGE)
+        if last is not None:
+            page_query = page_query.where(key > last)
+        with services().db.sessions() as session:
+            rows = session.scalars(page_query).all()
+        if not rows:
+            return
+        yield from rows
+        last = getattr(rows[-1], key.key)
+
+
+def _print(
+    rows: Iterable[Any],
+    shape: Any,
+    as_json: bool,
+    columns: list[tuple[str, int]],
+    extra: Any = None,
+) -> None:
+    count = 0
+    if not as_json:
+        click.echo("  ".join(name.ljust(width) if width else name for name, width in columns))
+    for row in rows:
+        item = shape(row)
+        count += 1
+        if as_json:
+            click.echo(serialize.dumps(item))
+            continue
+        if extra:
+            item = {**item, **extra(item)}
+        cells = []
+        for name, width in columns:
+            value = item.get(name)
+            text = "-" if value is None or value == "" else str(value)
+            cells.append(text.ljust(width) if width else text)
+        click.echo("  ".join(cells))
+    if not as_json:
+        click.echo(f"({count} shown)")
+
+
+if __name__ == "__main__":
+    main()

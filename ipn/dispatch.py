@@ -1,0 +1,74 @@
+"""Hands stored notification ids to the queue from a background thread, so a slow broker never
+holds up the answer to a provider; whatever cannot be sent is left for the inbox sweeper."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """A bounded queue drained by one daemon thread per process (restarted after a fork)."""
+
+    def __init__(self, send: Callable[[int], None], capacity: int = 10_000) -> None:
+        self._send = send
+        self._capacity = capacity
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[int] = queue.Queue(capacity)
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+
+    def submit(self, notification_id: int) -> None:
+        """Never blocks: a full queue drops the id (the row is safe in the inbox)."""
+        self._ensure_thread()
+        try:
+            self._queue.put_nowait(notification_id)
+        except queue.Full:
+            self.dropped += 1
+            log.warning(
+                "dispatch queue full; notification %s left for the sweeper", notification_id
+            )
+
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until everything submitted was sent or given up; True if the queue emptied."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
+    def _ensure_thread(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            # After a fork the parent's thread is gone and its queue may hold stale state.
+            self._queue = queue.Queue(self._capacity)
+            thread = threading.Thread(target=self._run, name="ipn-dispatch", daemon=True)
+            thread.start()
+            self._pid = os.getpid()
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            notification_id = q.get()
+            try:
+                self._send(notification_id)
+                self.sent += 1
+            except Exception as exc:
+                self.failed += 1
+                log.warning(
+                    "could not enqueue notification %s (%s); the sweeper will pick it up",
+                    notification_id,
+                    type(exc).__name__,
+                )
+            finally:
+                q.task_done()

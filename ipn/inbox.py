@@ -1,0 +1,74 @@
+"""Writing callbacks into the inbox and settling inbox rows, each a single conditional statement."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import datetime
+
+from sqlalchemy import insert, update
+from sqlalchemy.orm import Session
+
+from ipn.db import Database
+from models import Notification, NotificationKind, NotificationStatus, utcnow
+
+ERROR_LIMIT = 4000
+
+
+def store_callback(
+    db: Database,
+    provider: str,
+    kind: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    remote_addr: str | None,
+    received_at: datetime | None = None,
+) -> int:
+    """Commit one inbox row (one INSERT) and return its id. Nothing is parsed here."""
+    statement = (
+        insert(Notification)
+        .values(
+            provider=provider,
+            kind=NotificationKind(kind),
+            received_at=received_at or utcnow(),
+            remote_addr=remote_addr,
+            headers=dict(headers),
+            body=body,
+            body_sha256=hashlib.sha256(body).hexdigest(),
+            status=NotificationStatus.RECEIVED,
+        )
+        .returning(Notification.id)
+    )
+    with db.engine.begin() as connection:
+        return int(connection.execute(statement).scalar_one())
+
+
+def settle(
+    session: Session,
+    notification_id: int,
+    status: NotificationStatus,
+    *,
+    outcome: str | None = None,
+    error: str | None = None,
+    payment_id: str | None = None,
+) -> bool:
+    """Move a `received` row to its final status. False when another worker settled it first."""
+    values: dict[str, object] = {
+        "status": status,
+        "outcome": outcome,
+        "processed_at": utcnow(),
+        "next_attempt_at": None,
+        "replay_mode": None,
+    }
+    if error is not None:
+        values["last_error"] = error[:ERROR_LIMIT]
+    if payment_id is not None:
+        values["payment_id"] = payment_id
+    result = session.execute(
+        update(Notification)
+        .where(Notification.id == notification_id)
+        .where(Notification.status == NotificationStatus.RECEIVED)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]

@@ -1,0 +1,335 @@
+"""What a worker does with one stored notification: authenticate it, ask the provider, apply the
+answer, and settle the inbox row in the same transaction as the payment's change."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from ipn.anomalies import open_anomaly
+from ipn.errors import (
+    ConcurrentUpdate,
+    ForgedCallback,
+    MalformedCallback,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+from ipn.inbox import ERROR_LIMIT, settle
+from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
+from ipn.providers.bitcoinpaygate import anomaly_key
+from ipn.services import Services
+from ipn.transitions import Evidence, apply_snapshot, find_payment
+from models import (
+    AnomalyKind,
+    EventSource,
+    Notification,
+    NotificationKind,
+    NotificationStatus,
+    Payment,
+    ReplayMode,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+S = NotificationStatus
+T = TypeVar("T")
+
+# Failures that say nothing about the notification itself: try again later.
+TRANSIENT = (ProviderUnavailable, OperationalError, ConcurrentUpdate)
+CAS_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The parts of an inbox row a worker needs, read under its lock when the attempt began."""
+
+    id: int
+    provider: str
+    kind: str
+    body: bytes
+    headers: dict[str, str]
+    remote_addr: str | None
+    replay_mode: ReplayMode | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: NotificationStatus | None  # None: nothing done (already settled, or no such row)
+    message: str
+    payment_id: str | None = None
+
+
+def run(services: Services, notification_id: int, retries_so_far: int) -> tuple[str, int | None]:
+    """Process once, as a task would: (what happened, seconds until a retry or None)."""
+    settings = services.settings
+    try:
+        outcome = process_notification(services, notification_id)
+    except TRANSIENT as exc:
+        error = describe(exc)
+        if retries_so_far >= settings.task_max_retries:
+            give_up(services, notification_id, error)
+            return f"failed after {retries_so_far + 1} attempts: {error}", None
+        countdown = backoff(retries_so_far, settings.task_retry_backoff_max)
+        postpone(services, notification_id, error, countdown)
+        log.warning("notification %s: %s; retrying in %ss", notification_id, error, countdown)
+        return f"retrying: {error}", countdown
+    log.info("notification %s: %s", notification_id, outcome.message)
+    return outcome.message, None
+
+
+def process_notification(
+    services: Services, notification_id: int, *, now: datetime | None = None
+) -> Outcome:
+    """Take one `received` row to its final status. Safe to run any number of times, at once."""
+    now = now or utcnow()
+    claim = _claim(services, notification_id, now)
+    if claim is None:
+        return Outcome(None, "nothing to do: already settled or no such notification")
+    provider = services.providers.get(claim.provider)
+    if provider is None:
+        return _settle(services, claim, S.IGNORED, f"no provider named {claim.provider!r}")
+    if not provider.configured:
+        return _settle(
+            services, claim, S.IGNORED, f"{provider.name} is not configured; replay once it is"
+        )
+    problem = _outside_allowlist(services, claim)
+    if problem:
+        return _settle(services, claim, S.REJECTED, problem, error=problem)
+    try:
+        callback = provider.read_callback(claim.kind, claim.body, claim.headers)
+    except MalformedCallback as exc:
+        return _settle(services, claim, S.REJECTED, f"malformed: {exc}", error=f"malformed: {exc}")
+    except ForgedCallback as exc:
+        return _settle(services, claim, S.REJECTED, f"forged: {exc}", error=f"forged: {exc}")
+    if not callback.handled:
+        return _settle(services, claim, S.IGNORED, callback.reason)
+
+    with services.db.sessions() as session:
+        known = find_payment(session, provider.name, callback.ref)
+    if known is not None and not provider.token_matches(callback, known.callback_token):
+        reason = "forged: the per-payment token does not match the payment's"
+        return _settle(services, claim, S.REJECTED, reason, error=reason, payment_id=known.id)
+
+    if claim.kind == NotificationKind.ANOMALY:
+        return _record_anomaly_report(services, claim, callback, known)
+
+    try:
+        snapshot, evidence, may_adopt = _evidence(provider, claim, callback, known)
+    except ProviderRejected as exc:
+        return _settle(
+            services,
+            claim,
+            S.FAILED,
+            f"provider refused: {exc}",
+            error=str(exc),
+            payment_id=known.id if known else None,
+        )
+    if snapshot is None:
+        reason = f"{callback.authenticity} callback and no status API to confirm it: not applied"
+        return _settle(services, claim, S.REJECTED, reason, error=reason)
+
+    def apply(session: Session) -> Outcome:
+        applied = apply_snapshot(
+            session, provider, snapshot, evidence, now=now, ref=callback.ref, may_adopt=may_adopt
+        )
+        if applied is None:
+            message = "no such payment here and nothing verified to adopt it from"
+            _settle_in(session, claim, S.FAILED, message, error=message)
+            return Outcome(S.FAILED, message)
+        _settle_in(session, claim, S.PROCESSED, applied.summary, payment_id=applied.payment.id)
+        return Outcome(S.PROCESSED, applied.summary, applied.payment.id)
+
+    return _in_transaction(services, apply)
+
+
+def give_up(services: Services, notification_id: int, error: str) -> None:
+    """Retries are spent: the row is `failed` with its last error, for an operator to replay."""
+    with services.db.transaction() as session:
+        settle(session, notification_id, S.FAILED, outcome="gave up after retries", error=error)
+
+
+def postpone(services: Services, notification_id: int, error: str, countdown: int) -> None:
+    """Keep the error on the row and keep the sweeper off it while a retry is scheduled."""
+    retry_at = utcnow() + timedelta(seconds=countdown) + services.settings.sweep_after
+    try:
+        with services.db.transaction() as session:
+            session.execute(
+                update(Notification)
+                .where(Notification.id == notification_id, Notification.status == S.RECEIVED)
+                .values(last_error=error[:ERROR_LIMIT], next_attempt_at=retry_at)
+            )
+    except OperationalError:
+        # The database is the thing failing: the retry (or the sweeper) will try again.
+        log.warning("notification %s: could not record the error", notification_id)
+
+
+def backoff(retries_so_far: int, limit: int) -> int:
+    """Exponential, with jitter so a burst of failures does not retry in lockstep."""
+    base = min(limit, 5 * 2**retries_so_far)
+    return max(1, int(base * random.uniform(0.75, 1.0)))
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, OperationalError):
+        return f"database unavailable: {type(exc.orig).__name__}"
+    return str(exc) or type(exc).__name__
+
+
+def _claim(services: Services, notification_id: int, now: datetime) -> Claim | None:
+    with services.db.transaction() as session:
+        row = session.get(Notification, notification_id, with_for_update=True)
+        if row is None or row.status is not S.RECEIVED:
+            return None
+        row.attempts += 1
+        row.last_attempt_at = now
+        row.next_attempt_at = now + services.settings.sweep_after
+        return Claim(
+            row.id,
+            row.provider,
+            row.kind.value,
+            row.body,
+            dict(row.headers),
+            row.remote_addr,
+            row.replay_mode,
+            row.attempts,
+        )
+
+
+def _evidence(
+    provider: Provider, claim: Claim, callback: Callback, known: Payment | None
+) -> tuple[Snapshot | None, Evidence, bool]:
+    """What to apply and why: the provider's answer where it has a status API, else the
+    verified callback itself. The flag says whether an unknown payment may be adopted."""
+    replay = claim.replay_mode is not None
+    source = EventSource.REPLAY if replay else EventSource.CALLBACK
+    origin = f"{'replay of ' if replay else ''}{claim.kind} #{claim.id}"
+    verified = callback.authenticity is Authenticity.VERIFIED
+    own = callback.snapshot
+    stale = (
+        verified
+        and own is not None
+        and own.as_of is not None
+        and known is not None
+        and known.snapshot_at is not None
+        and own.as_of < known.snapshot_at
+    )
+    if provider.has_status_api and not (stale and claim.replay_mode is not ReplayMode.REFETCH):
+        ref = callback.ref
+        if known is not None:
+            ref = PaymentRef(known.order_id, known.provider_payment_id or ref.provider_payment_id)
+        answer = provider.fetch_status(ref)
+        return answer, Evidence(source, f"status query after {origin}", claim.id), True
+    if own is not None and verified:
+        how = "stale" if stale else "verified"
+        return own, Evidence(source, f"{how} {origin}", claim.id), True
+    return None, Evidence(source, origin, claim.id), False
+
+
+def _record_anomaly_report(
+    services: Services, claim: Claim, callback: Callback, known: Payment | None
+) -> Outcome:
+    """A provider's report of unexpected funds: kept for review, never a state change."""
+    verified = callback.authenticity is Authenticity.VERIFIED
+    key = anomaly_key(callback.fields, claim.body)
+
+    def record(session: Session) -> Outcome:
+        anomaly_id = open_anomaly(
+            session,
+            AnomalyKind.UNEXPECTED_FUNDS,
+            key,
+            {
+                "report": dict(callback.fields),
+                "verified": verified,
+                "order_id": callback.ref.order_id,
+                "provider_payment_id": callback.ref.provider_payment_id,
+            },
+            payment_id=known.id if known else None,
+            notification_id=claim.id,
+        )
+        message = (
+            f"anomaly #{anomaly_id} opened"
+            if anomaly_id
+            else "duplicate anomaly report: already recorded"
+        )
+        payment_id = known.id if known else None
+        _settle_in(session, claim, S.PROCESSED, message, payment_id=payment_id)
+        return Outcome(S.PROCESSED, message, payment_id)
+
+    return _in_transaction(services, record)
+
+
+def _outside_allowlist(services: Services, claim: Claim) -> str | None:
+    allowed = (
+        services.settings.provider(claim.provider).allowed_ips
+        if claim.provider in (services.providers)
+        else ()
+    )
+    if not allowed:
+        return None
+    try:
+        address = ipaddress.ip_address(claim.remote_addr or "")
+    except ValueError:
+        return f"forged: sender address {claim.remote_addr!r} is not an IP address"
+    if any(address in network for network in allowed):
+        return None
+    return f"forged: sender {address} is outside the {claim.provider} allowlist"
+
+
+def _settle(
+    services: Services,
+    claim: Claim,
+    status: NotificationStatus,
+    outcome: str,
+    *,
+    error: str | None = None,
+    payment_id: str | None = None,
+) -> Outcome:
+    with services.db.transaction() as session:
+        if not settle(
+            session, claim.id, status, outcome=outcome, error=error, payment_id=payment_id
+        ):
+            return Outcome(None, "settled meanwhile by another worker")
+    return Outcome(status, outcome, payment_id)
+
+
+def _settle_in(
+    session: Session,
+    claim: Claim,
+    status: NotificationStatus,
+    outcome: str,
+    *,
+    error: str | None = None,
+    payment_id: str | None = None,
+) -> None:
+    if not settle(session, claim.id, status, outcome=outcome, error=error, payment_id=payment_id):
+        raise _SettledElsewhere
+
+
+class _SettledElsewhere(Exception):
+    """Another worker settled the row first: roll back this one's effect."""
+
+
+def _in_transaction(services: Services, work: Callable[[Session], Outcome]) -> Outcome:
+    """Run `work` in one transaction, again from the start when a compare-and-set or a unique
+    key says another worker got there first."""
+    for attempt in range(CAS_ATTEMPTS):
+        try:
+            with services.db.transaction() as session:
+                return work(session)
+        except _SettledElsewhere:
+            return Outcome(None, "settled meanwhile by another worker")
+        except (StaleDataError, IntegrityError) as exc:
+            log.info("transaction lost a race (%s); attempt %s", type(exc).__name__, attempt + 1)
+    raise ConcurrentUpdate(f"gave up after {CAS_ATTEMPTS} races")

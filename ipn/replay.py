@@ -1,0 +1,110 @@
+"""Replaying notifications through the same path: pick them by id or filter, record each replay
+on the row, and enqueue them; a dry run only lists."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, select
+
+from ipn.services import Services
+from models import Notification, NotificationReplay, NotificationStatus, ReplayMode, utcnow
+
+PAGE = 500
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplayFilter:
+    provider: str | None = None
+    status: NotificationStatus | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def __bool__(self) -> bool:
+        return any(
+            value is not None for value in (self.provider, self.status, self.since, self.until)
+        )
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        if self.provider:
+            query = query.where(Notification.provider == self.provider)
+        if self.status:
+            query = query.where(Notification.status == self.status)
+        if self.since:
+            query = query.where(Notification.received_at >= self.since)
+        if self.until:
+            query = query.where(Notification.received_at < self.until)
+        return query
+
+
+def matching_ids(services: Services, which: ReplayFilter) -> Iterator[int]:
+    """Ids of the matching rows in id order, a page at a time (keyset), never all at once."""
+    last = 0
+    while True:
+        with services.db.sessions() as session:
+            page: list[int] = list(
+                session.scalars(
+                    which.apply(select(Notification.id))
+                    .where(Notification.id > last)
+                    .order_by(Notification.id)
+                    .limit(PAGE)
+                )
+            )
+        if not page:
+            return
+        yield from page
+        last = page[-1]
+
+
+def replay(
+    services: Services,
+    ids: Sequence[int],
+    mode: ReplayMode,
+    send: Callable[[int], None],
+    *,
+    requested_by: str = "operator",
+) -> list[int]:
+    """Put each row back to `received` with a record of the replay, then enqueue it. Ids that
+    do not exist are skipped (the caller checks them first when it must say so)."""
+    done: list[int] = []
+    now = utcnow()
+    for notification_id in ids:
+        with services.db.transaction() as session:
+            row = session.get(Notification, notification_id, with_for_update=True)
+            if row is None:
+                continue
+            session.add(
+                NotificationReplay(
+                    notification_id=row.id,
+                    at=now,
+                    mode=mode,
+                    previous_status=row.status,
+                    previous_outcome=row.outcome,
+                    requested_by=requested_by,
+                )
+            )
+            row.status = NotificationStatus.RECEIVED
+            row.replay_mode = mode
+            row.next_attempt_at = now + services.settings.sweep_after
+        # After the commit; if the broker is down the sweeper sends it later.
+        try:
+            send(notification_id)
+        except Exception as exc:
+            log.warning(
+                "replay of %s not enqueued (%s); the sweeper will send it",
+                notification_id,
+                type(exc).__name__,
+            )
+        done.append(notification_id)
+    return done
+
+
+def existing(services: Services, ids: Sequence[int]) -> set[int]:
+    with services.db.sessions() as session:
+        return set(session.scalars(select(Notification.id).where(Notification.id.in_(ids))))

@@ -1,0 +1,173 @@
+"""The JSON shapes of payments, notifications and anomalies, shared by the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import Anomaly, Notification, NotificationReplay, Payment, PaymentEvent
+
+# Headers whose values are secrets: shown masked, kept whole on the row for replays.
+SECRET_HEADER = re.compile(r"authorization|cookie|secret|token|processing-key|api-key", re.I)
+
+
+def money(value: Decimal | None) -> str | None:
+    """Exact, without the trailing zeros a NUMERIC(38, 18) column adds."""
+    if value is None:
+        return None
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+def when(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+RELATIVE = re.compile(r"^(\d+)([smhd])$")
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """An operator's time: ISO 8601 (a date, or a time with or without an offset, read as UTC)
+    or an age such as `30m`, `6h`, `2d` meaning that long ago."""
+    text = text.strip()
+    if match := RELATIVE.match(text):
+        amount, unit = match.groups()
+        return (now or datetime.now(UTC)) - timedelta(**{UNITS[unit]: int(amount)})
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: use ISO 8601 (2026-11-21T10:00:00Z) or an age (30m, 6h, 2d)"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def payment(p: Payment) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "provider": p.provider,
+        "order_id": p.order_id,
+        "provider_payment_id": p.provider_payment_id,
+        "status": p.status.value,
+        "provider_status": p.provider_status,
+        "amount": money(p.amount),
+        "currency": p.currency,
+        "pay_amount": money(p.pay_amount),
+        "pay_currency": p.pay_currency,
+        "paid_amount": money(p.paid_amount),
+        "pay_address": p.pay_address,
+        "pay_url": p.pay_url,
+        "payment_uri": p.payment_uri,
+        "expires_at": when(p.expires_at),
+        "next_check_at": when(p.next_check_at),
+        "adopted": p.adopted,
+        "created_at": when(p.created_at),
+        "updated_at": when(p.updated_at),
+    }
+
+
+def event(e: PaymentEvent) -> dict[str, Any]:
+    return {
+        "at": when(e.at),
+        "source": e.source.value,
+        "from_status": e.from_status.value if e.from_status else None,
+        "to_status": e.to_status.value,
+        "provider_status": e.provider_status,
+        "detail": e.detail,
+        "notification_id": e.notification_id,
+    }
+
+
+def anomaly(a: Anomaly) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "payment_id": a.payment_id,
+        "kind": a.kind.value,
+        "status": a.status.value,
+        "evidence": a.evidence,
+        "notification_id": a.notification_id,
+        "created_at": when(a.created_at),
+        "resolved_at": when(a.resolved_at),
+        "resolution": a.resolution,
+        "resolved_by": a.resolved_by,
+    }
+
+
+def payment_detail(session: Session, p: Payment) -> dict[str, Any]:
+    """The payment with its whole timeline, oldest first, and its anomalies."""
+    events = session.scalars(
+        select(PaymentEvent).where(PaymentEvent.payment_id == p.id).order_by(PaymentEvent.id)
+    )
+    anomalies = session.scalars(
+        select(Anomaly).where(Anomaly.payment_id == p.id).order_by(Anomaly.id)
+    )
+    return {
+        **payment(p),
+        "timeline": [event(e) for e in events],
+        "anomalies": [anomaly(a) for a in anomalies],
+    }
+
+
+def notification(n: Notification) -> dict[str, Any]:
+    return {
+        "id": n.id,
+        "provider": n.provider,
+        "kind": n.kind.value,
+        "status": n.status.value,
+        "received_at": when(n.received_at),
+        "processed_at": when(n.processed_at),
+        "attempts": n.attempts,
+        "last_error": n.last_error,
+        "outcome": n.outcome,
+        "payment_id": n.payment_id,
+    }
+
+
+def notification_detail(session: Session, n: Notification) -> dict[str, Any]:
+    """The row as received: headers with secrets masked, the body as text where it is text."""
+    try:
+        body: str = n.body.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        body, encoding = n.body.hex(), "hex"
+    replays = session.scalars(
+        select(NotificationReplay)
+        .where(NotificationReplay.notification_id == n.id)
+        .order_by(NotificationReplay.id)
+    )
+    return {
+        **notification(n),
+        "remote_addr": n.remote_addr,
+        "headers": {
+            name: ("***" if SECRET_HEADER.search(name) else value)
+            for name, value in n.headers.items()
+        },
+        "body": body,
+        "body_encoding": encoding,
+        "body_sha256": n.body_sha256,
+        "replays": [
+            {
+                "at": when(r.at),
+                "mode": r.mode.value,
+                "previous_status": r.previous_status.value,
+                "previous_outcome": r.previous_outcome,
+                "requested_by": r.requested_by,
+            }
+            for r in replays
+        ],
+    }
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)

@@ -1,0 +1,187 @@
+"""The callback endpoints: every request within the cap is committed before `success`, anything
+else gets a clear non-2xx, and nothing is parsed or trusted at this stage."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+
+import pytest
+from conftest import count_notifications
+from flask import Flask
+from flask.testing import FlaskClient
+from helpers import CUBEPAY_IPN, FORM, JSON, notification
+from sqlalchemy.exc import OperationalError
+from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+from ipn import create_app
+from ipn.callbacks import ENDPOINTS
+from ipn.config import Settings
+from ipn.dispatch import Dispatcher
+from ipn.services import Services
+from models import NotificationKind, NotificationStatus
+
+
+@pytest.mark.parametrize("path", sorted(ENDPOINTS))
+def test_each_endpoint_stores_raw_request_and_answers_success(
+    client: FlaskClient, services: Services, app: Flask, path: str
+) -> None:
+    body = b'{"any": "thing", "amount": 1.10}'
+    response = client.post(
+        f"/ipn{path}",
+        data=body,
+        headers={**JSON, "X-Extra": "kept"},
+        environ_base={"REMOTE_ADDR": "203.0.113.9"},
+    )
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    assert response.get_data() == b"success"
+    provider, kind = ENDPOINTS[path]
+    [notification_id] = app.extensions["ipn.dispatcher"].submitted
+    row = notification(services.db, notification_id)
+    assert (row.provider, row.kind) == (provider, NotificationKind(kind))
+    assert row.body == body
+    assert row.body_sha256 == hashlib.sha256(body).hexdigest()
+    assert row.headers["X-Extra"] == "kept"
+    assert row.remote_addr == "203.0.113.9"
+    assert row.status is NotificationStatus.RECEIVED
+
+
+def test_form_body_is_kept_byte_for_byte(client: FlaskClient, services: Services) -> None:
+    assert client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM).status_code == 200
+    with services.db.sessions() as session:
+        from models import Notification
+
+        [row] = session.query(Notification).all()
+    assert row.body == CUBEPAY_IPN
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"\xff\xfe\x00invalid utf-8",
+        b"[" * 50_000 + b"]" * 50_000,
+        b"",
+        b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+    ],
+)
+def test_malformed_bodies_are_stored_and_answered_success(
+    client: FlaskClient, services: Services, body: bytes
+) -> None:
+    body = body[: services.settings.max_body_bytes]
+    response = client.post(
+        "/ipn/bitcoinpaygate/notification", data=body, headers={"Content-Type": "text/weird"}
+    )
+    assert response.status_code == 200
+    assert count_notifications(services.db) == 1
+
+
+def test_oversized_body_is_refused_with_413_and_not_stored(
+    client: FlaskClient, services: Services
+) -> None:
+    cap = services.settings.max_body_bytes
+    assert client.post("/ipn/coinbarpay", data=b"x" * cap, headers=JSON).status_code == 200
+    response = client.post("/ipn/coinbarpay", data=b"x" * (cap + 1), headers=JSON)
+    assert response.status_code == 413
+    assert b"Traceback" not in response.get_data()
+    assert count_notifications(services.db) == 1
+
+
+def test_oversized_chunked_body_without_length_is_refused(
+    client: FlaskClient, services: Services
+) -> None:
+    cap = services.settings.max_body_bytes
+    builder = EnvironBuilder(
+        path="/ipn/coinbarpay",
+        method="POST",
+        headers=JSON,
+        input_stream=io.BytesIO(b"y" * (cap + 4096)),
+    )
+    environ = builder.get_environ()
+    # A chunked request: no length announced, the server says where the body ends.
+    del environ["CONTENT_LENGTH"]
+    environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+    environ["wsgi.input_terminated"] = True
+    _, status, _ = run_wsgi_app(client.application, environ)
+    assert status.startswith("413")
+    assert count_notifications(services.db) == 0
+
+
+def test_chunked_body_within_the_cap_is_stored_whole(
+    client: FlaskClient, services: Services
+) -> None:
+    body = b"z" * services.settings.max_body_bytes
+    builder = EnvironBuilder(
+        path="/ipn/coinbarpay", method="POST", headers=JSON, input_stream=io.BytesIO(body)
+    )
+    environ = builder.get_environ()
+    del environ["CONTENT_LENGTH"]
+    environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+    environ["wsgi.input_terminated"] = True
+    answer, status, _ = run_wsgi_app(client.application, environ)
+    assert status.startswith("200") and b"".join(answer) == b"success"
+    with services.db.sessions() as session:
+        from models import Notification
+
+        [row] = session.query(Notification).all()
+    assert row.body == body
+
+
+@pytest.mark.parametrize("method", ["get", "put", "delete", "patch"])
+def test_other_methods_are_405(client: FlaskClient, services: Services, method: str) -> None:
+    response = getattr(client, method)("/ipn/cubepay")
+    assert response.status_code == 405
+    assert count_notifications(services.db) == 0
+
+
+def test_database_failure_is_503_never_success(
+    client: FlaskClient, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(services.db.engine, "begin", broken)
+    response = client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM)
+    assert response.status_code == 503
+    assert response.get_data() != b"success"
+    monkeypatch.undo()
+    assert count_notifications(services.db) == 0
+
+
+def test_answer_does_not_wait_for_the_broker(
+    app: Flask, client: FlaskClient, services: Services
+) -> None:
+    """A broker that hangs: every callback is committed and answered `success` while the
+    publish is still stuck; the ids go out once the broker answers."""
+    released = threading.Event()
+    published: list[int] = []
+
+    def hanging_publish(notification_id: int) -> None:
+        released.wait(timeout=60)
+        published.append(notification_id)
+
+    dispatcher = Dispatcher(hanging_publish)
+    app.extensions["ipn.dispatcher"] = dispatcher
+    for _ in range(5):
+        assert client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM).get_data() == b"success"
+    assert count_notifications(services.db) == 5
+    assert published == []
+    released.set()
+    assert dispatcher.drain(timeout=30)
+    assert len(published) == 5
+
+
+def test_a_broker_that_refuses_loses_nothing(settings: Settings) -> None:
+    """Redis unreachable: rows are stored, publishing fails in the background, and the failures
+    are counted for the sweeper rather than raised into the request."""
+    app = create_app(settings.with_changes(redis_url="redis://127.0.0.1:9/0"))
+    client = app.test_client()
+    for _ in range(5):
+        assert client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM).status_code == 200
+    dispatcher = app.extensions["ipn.dispatcher"]
+    assert dispatcher.drain(timeout=60)
+    assert (dispatcher.sent, dispatcher.failed) == (0, 5)
+    assert count_notifications(app.extensions["ipn"].db, NotificationStatus.RECEIVED) == 5
+    app.extensions["ipn"].db.engine.dispose()

@@ -1,0 +1,73 @@
+"""Builds the Celery app bound to the Flask app, configured for at-least-once delivery."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+from flask import Flask
+
+from ipn.config import Settings
+
+SWEEP_EVERY = timedelta(minutes=1)
+
+
+def make_celery(flask_app: Flask, settings: Settings) -> Celery:
+    class FlaskTask(Task):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with flask_app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery = Celery(flask_app.name, task_cls=FlaskTask)
+    transport_options: dict[str, Any] = {}
+    if settings.redis_url:
+        transport_options = {
+            # An unacknowledged message (its worker died) comes back after this long.
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+            # Publishing fails at once when Redis is down instead of retrying for seconds: the
+            # dispatcher and the inbox sweeper own the retrying, and the row is already safe.
+            "max_retries": 0,
+            "retry_on_timeout": False,
+        }
+    else:
+        transport_options = {"polling_interval": 0.5}
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    celery.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.queue,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        # A task is acknowledged only once it has run; a worker killed mid-task leaves its
+        # message to be delivered again, and the idempotent transition makes that harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "sweep-inbox": {"task": "ipn.sweep_inbox", "schedule": SWEEP_EVERY},
+        },
+        beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
+        include=["workers.tasks"],
+    )
+    celery.set_default()
+    return celery
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    """A forked pool process must not share the parent's database connections."""
+    from flask import current_app
+
+    try:
+        current_app.extensions["ipn"].db.dispose()
+    except RuntimeError:  # no app context: the entry module's app is reached below
+        from workers.main import app
+
+        app.extensions["ipn"].db.dispose()
