@@ -18,7 +18,7 @@ SECRET_HEADER = re.compile(r"authorization|cookie|secret|token|processing-key|ap
 
 
 def money(value: Decimal | None) -> str | None:
-    """Exact, without the trailing zeros a NUMERIC(38, 18) column adds."""
+    """Exact, without the trailing zeros a NUMERIC(48, 24) column adds."""
     if value is None:
         return None
     text = format(value, "f")

@@ -32,8 +32,9 @@ FORWARD: dict[PaymentStatus, frozenset[PaymentStatus]] = {
     P.UNDERPAID: frozenset({P.CONFIRMING, P.PAID, P.EXPIRED, P.FAILED, P.CANCELLED, P.REFUNDED}),
     P.PAID: frozenset({P.REFUNDED}),
 }
-# States that say money arrived: reported after a terminal state, they are a late payment.
+# States that say money arrived: reported after one of the UNPAID_ENDS, a late payment.
 MONEY_SEEN = frozenset({P.CONFIRMING, P.UNDERPAID, P.PAID})
+UNPAID_ENDS = frozenset({P.EXPIRED, P.CANCELLED, P.FAILED})
 
 
 def can_move(current: PaymentStatus, target: PaymentStatus, *, expiry_inferred: bool) -> bool:
@@ -251,7 +252,7 @@ def apply_snapshot(
         return Applied(payment, False, f"still {current.value}: {status_text}", event, anomaly_ids)
 
     if not can_move(current, target, expiry_inferred=payment.expiry_inferred):
-        if current.is_terminal and target in MONEY_SEEN:
+        if current in UNPAID_ENDS and target in MONEY_SEEN:
             return _refuse(
                 session,
                 payment,

@@ -13,7 +13,9 @@ from sqlalchemy import BigInteger, DateTime, Dialect, Enum, Integer, MetaData, N
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
-MONEY_SCALE = 18
+# CoinbarPay answers amounts with 20 decimals; 24 keeps every digit a provider sends.
+MONEY_SCALE = 24
+MONEY_PRECISION = 48
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -57,19 +59,19 @@ def enum_column(cls: type[enum.Enum], length: int = 16) -> Enum:
 
 
 class Money(TypeDecorator[Decimal]):
-    """An exact decimal: NUMERIC(38, 18) on PostgreSQL, text on SQLite (never REAL).
+    """An exact decimal: NUMERIC(48, 24) on PostgreSQL, text on SQLite (never REAL).
 
-    Floats are refused outright, and so are values finer than 18 decimals, which a NUMERIC
+    Floats are refused outright, and so are values finer than 24 decimals, which a NUMERIC
     column would round without a word.
     """
 
-    impl = Numeric(38, MONEY_SCALE)
+    impl = Numeric(MONEY_PRECISION, MONEY_SCALE)
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> Any:
         if dialect.name == "sqlite":
             return dialect.type_descriptor(String(64))
-        return dialect.type_descriptor(Numeric(38, MONEY_SCALE, asdecimal=True))
+        return dialect.type_descriptor(Numeric(MONEY_PRECISION, MONEY_SCALE, asdecimal=True))
 
     def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
         if value is None:

@@ -1,0 +1,552 @@
+"""The worker's pipeline for each provider, run in-process: genuine callbacks move payments,
+forged and malformed ones are kept and change nothing, unknown statuses open anomalies, and
+duplicates, stale snapshots and late funds never move a payment backwards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
+from helpers import (
+    CUBEPAY_IPN,
+    FORM,
+    JSON,
+    PROVIDER_URL,
+    anomalies,
+    bpg_signature,
+    bpg_snapshot,
+    coinbarpay_signature,
+    coinbarpay_status,
+    cryptoprocessing_callback,
+    cryptoprocessing_headers,
+    cubepay_query_answer,
+    events,
+    load_payment,
+    make_payment,
+    notification,
+)
+
+from ipn.processing import process_notification
+from ipn.providers.coinbarpay import encrypt_legacy_token
+from ipn.services import Services
+from models import AnomalyKind, EventSource, NotificationStatus, PaymentStatus
+
+BPG_ID = "95bf1d853cf2e040f0ce219221f9b17206525941"
+BPG_STATUS_URL = f"{PROVIDER_URL}/bitcoinpaygate/v2/payments/{BPG_ID}"
+CUBEPAY_QUERY_URL = f"{PROVIDER_URL}/cubepay/payment/query"
+COINBAR_STATUS_URL = (
+    f"{PROVIDER_URL}/coinbarpay/coinbar/api/v2/pay/gateway/payment/order-1001/status"
+)
+
+
+@pytest.fixture
+def provider_api() -> Iterator[responses.RequestsMock]:
+    """Provider APIs answer only what a test registers; any other call fails the test."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+def deliver(client: FlaskClient, app: Flask, services: Services, path: str, body: bytes,
+            headers: dict[str, str]) -> Any:
+    response = client.post(path, data=body, headers=headers)
+    assert (response.status_code, response.get_data()) == (200, b"success")
+    notification_id = app.extensions["ipn.dispatcher"].submitted[-1]
+    process_notification(services, notification_id)
+    return notification(services.db, notification_id)
+
+
+# --- CubePay ------------------------------------------------------------------------------
+
+
+def cubepay_payment(services: Services, **fields: Any) -> Any:
+    values = {"provider_payment_id": "C1536678153791231775", "callback_token": "tok_5f2b9c",
+              "pay_amount": Decimal("0.01"), "pay_currency": "BTC", **fields}
+    return make_payment(services.db, **values)
+
+
+def test_cubepay_genuine_ipn_confirmed_by_query_makes_payment_paid(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2))
+    row = deliver(client, app, services, "/ipn/cubepay", CUBEPAY_IPN, FORM)
+    assert row.status is NotificationStatus.PROCESSED
+    assert row.payment_id == payment.id
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+    assert load_payment(services.db, payment.id).paid_amount == Decimal("0.01")
+    [event] = events(services.db, payment.id)
+    assert (event.from_status, event.to_status) == (PaymentStatus.PENDING, PaymentStatus.PAID)
+    assert event.source is EventSource.CALLBACK
+    assert event.notification_id == row.id
+    assert f"ipn #{row.id}" in event.detail and "status query" in event.detail
+    # The query asked by the provider's id, signed: nothing from the IPN body was trusted.
+    [call] = provider_api.calls
+    assert "id=C1536678153791231775" in str(call.request.body)
+
+
+def test_cubepay_partial_payment_is_underpaid(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2, paid="0.004"))
+    deliver(client, app, services, "/ipn/cubepay", CUBEPAY_IPN, FORM)
+    assert load_payment(services.db, payment.id).status is PaymentStatus.UNDERPAID
+
+
+@pytest.mark.parametrize("body", [
+    CUBEPAY_IPN.replace(b"source_amount=500", b"source_amount=501"),  # one byte changed
+    CUBEPAY_IPN.replace(b"sign=5E25AF", b"sign=5E25AE"),  # signature one byte off
+    CUBEPAY_IPN.replace(b"client_id=exampleclientid", b"client_id=someoneelse"),
+    CUBEPAY_IPN.replace(b"other=tok_5f2b9c", b"other=tok_guess1"),  # changes sign too
+], ids=["body-byte", "sign-byte", "foreign-client", "token"])
+def test_cubepay_forged_ipn_is_kept_rejected_and_changes_nothing(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock,
+    body: bytes,
+) -> None:
+    payment = cubepay_payment(services)
+    row = deliver(client, app, services, "/ipn/cubepay", body, FORM)
+    assert row.status is NotificationStatus.REJECTED
+    assert row.body == body
+    assert "forged" in (row.last_error or "")
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert events(services.db, payment.id) == []
+    assert len(provider_api.calls) == 0  # no status query for a forgery
+
+
+def test_cubepay_wrong_per_payment_token_with_valid_sign_is_rejected(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    """The IPN is signed correctly, but echoes a token that is not this payment's."""
+    payment = cubepay_payment(services, callback_token="tok_other")
+    row = deliver(client, app, services, "/ipn/cubepay", CUBEPAY_IPN, FORM)
+    assert row.status is NotificationStatus.REJECTED
+    assert "token" in (row.last_error or "")
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert len(provider_api.calls) == 0
+
+
+def test_cubepay_unknown_status_changes_nothing_and_opens_one_anomaly(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(42))
+    for _ in range(3):
+        row = deliver(client, app, services, "/ipn/cubepay", CUBEPAY_IPN, FORM)
+        assert row.status is NotificationStatus.PROCESSED
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    [anomaly] = anomalies(services.db)
+    assert anomaly.kind is AnomalyKind.UNKNOWN_STATUS
+    assert anomaly.payment_id == payment.id
+    assert anomaly.evidence["provider_status"] == "42"
+    [event] = events(services.db, payment.id)
+    assert event.from_status == event.to_status == PaymentStatus.PENDING
+
+
+def test_cubepay_unknown_payment_is_adopted_from_the_providers_answer(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2))
+    row = deliver(client, app, services, "/ipn/cubepay", CUBEPAY_IPN, FORM)
+    assert row.status is NotificationStatus.PROCESSED
+    adopted = load_payment(services.db, row.payment_id)
+    assert adopted.adopted and adopted.order_id == "M12345678"
+    assert (adopted.amount, adopted.currency) == (Decimal("500"), "TWD")
+    assert adopted.status is PaymentStatus.PAID
+    first, second = events(services.db, adopted.id)
+    assert first.from_status is None and "adopted" in first.detail
+    assert (second.from_status, second.to_status) == (PaymentStatus.PENDING, PaymentStatus.PAID)
+
+
+def test_paid_with_a_different_amount_is_an_anomaly_not_paid(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = cubepay_payment(services, amount=Decimal("400"))
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2))
+    deliver(client, app, services, "/ipn/cubepay", CUBEPAY_IPN, FORM)
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    [anomaly] = anomalies(services.db)
+    assert anomaly.kind is AnomalyKind.AMOUNT_MISMATCH
+
+
+def test_provider_outage_leaves_the_row_received_for_a_retry(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, status=503, body=b"down")
+    client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM)
+    [notification_id] = app.extensions["ipn.dispatcher"].submitted
+    from ipn.processing import run
+
+    message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is not None and countdown > 0
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.RECEIVED
+    assert "503" in (row.last_error or "")
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    # The last permitted retry gives up: the row is failed with its error, nothing applied.
+    message, countdown = run(services, notification_id,
+                             retries_so_far=services.settings.task_max_retries)
+    assert countdown is None
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.FAILED
+    assert "503" in (row.last_error or "")
+    assert events(services.db, payment.id) == []
+
+
+# --- BitcoinPaygate -------------------------------------------------------------------------
+
+
+def bpg_payment(services: Services) -> Any:
+    return make_payment(services.db, provider="bitcoinpaygate", order_id="2015-03-10/123/1",
+                        provider_payment_id=BPG_ID, amount=Decimal("10.00"), currency="USD")
+
+
+def bpg_headers(body: bytes, key: str = "examplehmackey") -> dict[str, str]:
+    return {**JSON, "X-BPG-Signature": bpg_signature(body, key)}
+
+
+def test_bitcoinpaygate_signature_vector_verifies_through_the_endpoint(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    body = (b'{"paymentId":"95bf1d853cf2e040f0ce219221f9b17206525941","status":"CONFIRMED",'
+            b'"merchantTransactionId":"2015-03-10/123/1","currentTime":"2018-01-12T15:16:32Z"}')
+    headers = {**JSON, "X-BPG-Signature": "2f63d990dd9703a3c92e8c9d6664c6bd78da8c9e"}
+    payment = bpg_payment(services)
+    provider_api.get(BPG_STATUS_URL, body=bpg_snapshot("CONFIRMED"))
+    row = deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, headers)
+    assert row.status is NotificationStatus.PROCESSED
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+
+
+@pytest.mark.parametrize("forge", ["byte", "key", "missing"])
+def test_bitcoinpaygate_forged_notification_is_rejected(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock,
+    forge: str,
+) -> None:
+    payment = bpg_payment(services)
+    body = bpg_snapshot("CONFIRMED")
+    headers = bpg_headers(body, "wrongkey" if forge == "key" else "examplehmackey")
+    if forge == "byte":
+        body = body.replace(b'"amount":10.00', b'"amount":10.01')
+    if forge == "missing":
+        del headers["X-BPG-Signature"]
+    row = deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, headers)
+    assert row.status is NotificationStatus.REJECTED
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert len(provider_api.calls) == 0
+
+
+def test_bitcoinpaygate_stale_snapshot_never_moves_backwards(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = bpg_payment(services)
+    provider_api.get(BPG_STATUS_URL, body=bpg_snapshot("CONFIRMED",
+                                                       current_time="2018-01-12T15:20:00Z"))
+    new = bpg_snapshot("CONFIRMED", current_time="2018-01-12T15:20:00Z")
+    deliver(client, app, services, "/ipn/bitcoinpaygate/notification", new, bpg_headers(new))
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+    # An older UNCONFIRMED snapshot arrives late: recorded, ignored, no query needed.
+    old = bpg_snapshot("UNCONFIRMED", current_time="2018-01-12T15:10:00Z")
+    calls_before = len(provider_api.calls)
+    row = deliver(client, app, services, "/ipn/bitcoinpaygate/notification", old,
+                  bpg_headers(old))
+    assert row.status is NotificationStatus.PROCESSED
+    assert len(provider_api.calls) == calls_before
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+    changed, stale = events(services.db, payment.id)
+    assert stale.from_status == stale.to_status == PaymentStatus.PAID
+    assert "stale" in stale.detail
+
+
+def test_bitcoinpaygate_out_of_order_answer_is_recorded_not_applied(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    """The status API itself answers an earlier state (no clock to compare): forward only."""
+    payment = bpg_payment(services)
+    body = bpg_snapshot("CONFIRMED")
+    provider_api.get(BPG_STATUS_URL, body=bpg_snapshot("CONFIRMED"))
+    deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, bpg_headers(body))
+    provider_api.replace(responses.GET, BPG_STATUS_URL,
+                         body=bpg_snapshot("UNCONFIRMED", current_time="2018-01-12T15:30:00Z"))
+    deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, bpg_headers(body))
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+    assert "backwards" in events(services.db, payment.id)[-1].detail
+
+
+def test_bitcoinpaygate_paid_after_expired_is_an_anomaly(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = bpg_payment(services)
+    body = bpg_snapshot("EXPIRED")
+    provider_api.get(BPG_STATUS_URL, body=bpg_snapshot("EXPIRED"))
+    deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, bpg_headers(body))
+    assert load_payment(services.db, payment.id).status is PaymentStatus.EXPIRED
+    provider_api.replace(responses.GET, BPG_STATUS_URL,
+                         body=bpg_snapshot("CONFIRMED", current_time="2018-01-12T16:00:00Z"))
+    deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, bpg_headers(body))
+    assert load_payment(services.db, payment.id).status is PaymentStatus.EXPIRED
+    [anomaly] = anomalies(services.db)
+    assert anomaly.kind is AnomalyKind.LATE_PAYMENT
+
+
+def test_bitcoinpaygate_anomaly_notification_is_recorded_once_and_changes_nothing(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = bpg_payment(services)
+    body = (b'{"paymentId":"%s","merchantTransactionId":"2015-03-10/123/1","paidBtc":0.5,'
+            b'"btcTransactions":[{"btcTxId":"bb5af4","btcAmount":0.5,'
+            b'"time":"2018-05-01T08:52:18.233Z"}],"notificationType":"ANOMALY"}'
+            % BPG_ID.encode())
+    for _ in range(2):
+        row = deliver(client, app, services, "/ipn/bitcoinpaygate/anomaly", body,
+                      bpg_headers(body))
+        assert row.status is NotificationStatus.PROCESSED
+    [anomaly] = anomalies(services.db)
+    assert anomaly.kind is AnomalyKind.UNEXPECTED_FUNDS
+    assert anomaly.payment_id == payment.id
+    assert anomaly.evidence["verified"] is True
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert len(provider_api.calls) == 0
+
+
+# --- CoinbarPay -----------------------------------------------------------------------------
+
+
+def coinbar_payment(services: Services) -> Any:
+    return make_payment(services.db, provider="coinbarpay", order_id="order-1001",
+                        amount=Decimal("8.99"), currency="EUR")
+
+
+def coinbar_headers(body: bytes, secret: str = "your_secret_key") -> dict[str, str]:
+    return {**JSON, "SIGNATURE": coinbarpay_signature(body, secret),
+            "CBPAY-API-KEY": "2cb63353-2541-4c4e-90d4-7bf1d4b42c5c"}
+
+
+def test_coinbarpay_callback_is_settled_by_the_status_api(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = coinbar_payment(services)
+    body = coinbarpay_status("SUCCESS")
+    provider_api.get(COINBAR_STATUS_URL, body=coinbarpay_status("SUCCESS"))
+    row = deliver(client, app, services, "/ipn/coinbarpay", body, coinbar_headers(body))
+    assert row.status is NotificationStatus.PROCESSED
+    paid = load_payment(services.db, payment.id)
+    assert paid.status is PaymentStatus.PAID
+    assert paid.pay_amount == Decimal("0.00045145423250897323")
+    # SUCCESS then FAILED: the money went back.
+    provider_api.replace(responses.GET, COINBAR_STATUS_URL, body=coinbarpay_status("FAILED"))
+    deliver(client, app, services, "/ipn/coinbarpay", body, coinbar_headers(body))
+    assert load_payment(services.db, payment.id).status is PaymentStatus.REFUNDED
+
+
+def test_coinbarpay_legacy_token_callback_verifies_and_is_confirmed(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = coinbar_payment(services)
+    token = encrypt_legacy_token(
+        b'{"payment_request_id_client":"order-1001","status":"SUCCESS",'
+        b'"payment_id_coinbar":"499f5adb-5911-4d1f-8642-2c53c24075d9",'
+        b'"payment_detail":{"total_price":8.99}}',
+        "0123456789abcdef0123456789abcdef", "fedcba9876543210")
+    body = ('{"responseToken":"%s","serviceClientId":"2cb63353-2541-4c4e-90d4-7bf1d4b42c5c",'
+            '"timestamp":1700000000000}' % token).encode()
+    provider_api.get(COINBAR_STATUS_URL, body=coinbarpay_status("SUCCESS"))
+    row = deliver(client, app, services, "/ipn/coinbarpay", body, JSON)
+    assert row.status is NotificationStatus.PROCESSED
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+
+
+@pytest.mark.parametrize("forge", ["byte", "key", "client", "token"])
+def test_coinbarpay_forged_callback_is_rejected(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock,
+    forge: str,
+) -> None:
+    payment = coinbar_payment(services)
+    body = coinbarpay_status("SUCCESS")
+    headers = coinbar_headers(body, "not_the_secret" if forge == "key" else "your_secret_key")
+    if forge == "byte":
+        body = body.replace(b'"total_price":8.99', b'"total_price":9.99')
+    if forge == "client":
+        headers["CBPAY-API-KEY"] = "someone-else"
+    if forge == "token":
+        body = (b'{"responseToken":"bm90IGEgdG9rZW4=","serviceClientId":'
+                b'"2cb63353-2541-4c4e-90d4-7bf1d4b42c5c","timestamp":1}')
+        headers = JSON
+    row = deliver(client, app, services, "/ipn/coinbarpay", body, headers)
+    assert row.status is NotificationStatus.REJECTED
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert len(provider_api.calls) == 0
+
+
+def test_coinbarpay_unknown_status_opens_an_anomaly(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = coinbar_payment(services)
+    body = coinbarpay_status("SUCCESS")
+    provider_api.get(COINBAR_STATUS_URL, body=coinbarpay_status("ON_HOLD"))
+    deliver(client, app, services, "/ipn/coinbarpay", body, coinbar_headers(body))
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert [a.kind for a in anomalies(services.db)] == [AnomalyKind.UNKNOWN_STATUS]
+
+
+# --- CryptoProcessing -----------------------------------------------------------------------
+
+
+def cp_payment(services: Services) -> Any:
+    return make_payment(services.db, provider="cryptoprocessing", order_id="order_12345",
+                        amount=Decimal("0.3"), currency="ETH")
+
+
+def test_cryptoprocessing_signature_vector_and_callbacks_move_the_payment(
+    client: FlaskClient, app: Flask, services: Services
+) -> None:
+    from ipn.providers.cryptoprocessing import signature
+
+    assert signature(b'{"currency":"BTC","foreign_id":"123456"}', "AbCdEfG123456") == (
+        "03c25fcf7cd35e7d995e402cd5d51edd72d48e1471e865907967809a0c189ba55b90815f20e2bb10"
+        "f82c7a9e9d865546fda58989c2ae9e8e2ff7bc29195fa1ec")
+    payment = cp_payment(services)
+    steps = [("processing", "0.004", PaymentStatus.UNDERPAID),
+             ("processing", "0.0094", PaymentStatus.CONFIRMING),
+             ("paid", "0.0094", PaymentStatus.PAID)]
+    for status, received, expected in steps:
+        body = cryptoprocessing_callback(status, received=received)
+        deliver(client, app, services, "/ipn/cryptoprocessing", body,
+                cryptoprocessing_headers(body))
+        assert load_payment(services.db, payment.id).status is expected
+    assert [e.to_status for e in events(services.db, payment.id)] == [
+        PaymentStatus.UNDERPAID, PaymentStatus.CONFIRMING, PaymentStatus.PAID]
+
+
+@pytest.mark.parametrize("forge", ["byte", "key", "missing", "foreign-key"])
+def test_cryptoprocessing_forged_callback_is_rejected(
+    client: FlaskClient, app: Flask, services: Services, forge: str
+) -> None:
+    payment = cp_payment(services)
+    body = cryptoprocessing_callback("paid", received="0.0094")
+    headers = cryptoprocessing_headers(
+        body, secret="wrong" if forge == "key" else "AbCdEfG123456",
+        key="not-ours" if forge == "foreign-key" else "cp-api-key")
+    if forge == "byte":
+        body = body.replace(b'"amount":"0.3"', b'"amount":"0.4"')
+    if forge == "missing":
+        del headers["X-Processing-Signature"]
+    row = deliver(client, app, services, "/ipn/cryptoprocessing", body, headers)
+    assert row.status is NotificationStatus.REJECTED
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert events(services.db, payment.id) == []
+
+
+def test_cryptoprocessing_unknown_status_and_other_types(
+    client: FlaskClient, app: Flask, services: Services
+) -> None:
+    payment = cp_payment(services)
+    body = cryptoprocessing_callback("restricted")
+    deliver(client, app, services, "/ipn/cryptoprocessing", body, cryptoprocessing_headers(body))
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert [a.kind for a in anomalies(services.db)] == [AnomalyKind.UNKNOWN_STATUS]
+    deposit = cryptoprocessing_callback("confirmed", kind="deposit")
+    row = deliver(client, app, services, "/ipn/cryptoprocessing", deposit,
+                  cryptoprocessing_headers(deposit))
+    assert row.status is NotificationStatus.IGNORED
+    assert "deposit" in (row.outcome or "")
+
+
+def test_duplicate_callbacks_have_one_effect(
+    client: FlaskClient, app: Flask, services: Services
+) -> None:
+    payment = cp_payment(services)
+    body = cryptoprocessing_callback("paid", received="0.0094")
+    rows = [deliver(client, app, services, "/ipn/cryptoprocessing", body,
+                    cryptoprocessing_headers(body)) for _ in range(5)]
+    assert all(row.status is NotificationStatus.PROCESSED for row in rows)
+    [event] = events(services.db, payment.id)
+    assert event.to_status is PaymentStatus.PAID
+    assert [row.outcome for row in rows[1:]] == ["duplicate: already paid"] * 4
+
+
+# --- every provider -------------------------------------------------------------------------
+
+MALFORMED = [b"{not json", b"\xff\xfe invalid utf-8", b"[1, 2, 3]", b'"just a string"',
+             b"[" * 30_000 + b"]" * 30_000, b""]
+
+
+@pytest.mark.parametrize("path", ["/ipn/cubepay", "/ipn/bitcoinpaygate/notification",
+                                  "/ipn/coinbarpay", "/ipn/cryptoprocessing"])
+@pytest.mark.parametrize("body", MALFORMED, ids=["json", "utf8", "array", "string", "deep",
+                                                 "empty"])
+def test_malformed_bodies_are_rejected_without_effect(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock,
+    path: str, body: bytes,
+) -> None:
+    headers = {**JSON, "X-BPG-Signature": bpg_signature(body), "SIGNATURE":
+               coinbarpay_signature(body), **cryptoprocessing_headers(body)}
+    row = deliver(client, app, services, path, body, headers)
+    assert row.status is NotificationStatus.REJECTED
+    assert row.last_error
+    assert len(provider_api.calls) == 0
+    assert anomalies(services.db) == []
+
+
+def test_unconfigured_provider_stores_and_ignores_then_replays(
+    settings: Any, provider_api: responses.RequestsMock
+) -> None:
+    from ipn import create_app
+    from ipn.replay import replay
+    from models import ReplayMode
+
+    from conftest import RecordingDispatcher
+
+    app = create_app(settings.with_changes(
+        cryptoprocessing=settings.cryptoprocessing.__class__()))
+    app.extensions["ipn.dispatcher"] = RecordingDispatcher()
+    services = app.extensions["ipn"]
+    payment = cp_payment(services)
+    body = cryptoprocessing_callback("paid", received="0.0094")
+    row = deliver(app.test_client(), app, services, "/ipn/cryptoprocessing", body,
+                  cryptoprocessing_headers(body))
+    assert row.status is NotificationStatus.IGNORED
+    assert "not configured" in (row.outcome or "")
+    # Configured later, the stored row replays into its effect.
+    configured = Services.from_settings(settings)
+    replay(configured, [row.id], ReplayMode.STORED, lambda _id: None)
+    process_notification(configured, row.id)
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+    replayed = events(services.db, payment.id)[-1]
+    assert replayed.source is EventSource.REPLAY
+    app.extensions["ipn"].db.engine.dispose()
+    configured.db.engine.dispose()
+
+
+def test_allowlist_rejects_other_senders(settings: Any) -> None:
+    import ipaddress
+
+    from ipn import create_app
+
+    from conftest import RecordingDispatcher
+
+    allow = (ipaddress.ip_network("198.51.100.0/24"),)
+    app = create_app(settings.with_changes(
+        cryptoprocessing=settings.cryptoprocessing.__class__(
+            api_key="cp-api-key", secret="AbCdEfG123456", allowed_ips=allow)))
+    app.extensions["ipn.dispatcher"] = RecordingDispatcher()
+    services = app.extensions["ipn"]
+    payment = cp_payment(services)
+    body = cryptoprocessing_callback("paid", received="0.0094")
+    client = app.test_client()
+    client.post("/ipn/cryptoprocessing", data=body, headers=cryptoprocessing_headers(body),
+                environ_base={"REMOTE_ADDR": "203.0.113.7"})
+    [outsider] = app.extensions["ipn.dispatcher"].submitted
+    process_notification(services, outsider)
+    assert notification(services.db, outsider).status is NotificationStatus.REJECTED
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    client.post("/ipn/cryptoprocessing", data=body, headers=cryptoprocessing_headers(body),
+                environ_base={"REMOTE_ADDR": "198.51.100.20"})
+    process_notification(services, app.extensions["ipn.dispatcher"].submitted[-1])
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+    services.db.engine.dispose()
