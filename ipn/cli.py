@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup, FlaskGroup
+from flask.cli import AppGroup, FlaskGroup, with_appcontext
 from sqlalchemy import select
 
 from ipn import replay as replays
@@ -300,6 +300,7 @@ def anomalies_resolve(anomaly_id: int, resolution: str) -> None:
 
 
 @click.command("replay")
+@with_appcontext
 @click.argument("ids", nargs=-1, type=int)
 @provider_option
 @click.option("--status", type=notification_status)
@@ -353,6 +354,7 @@ def replay(
 
 
 @click.command("sweep")
+@with_appcontext
 def sweep() -> None:
     """Enqueue again inbox rows stuck in `received`; mark those out of attempts `dead`."""
     from ipn.sweeper import sweep_inbox
@@ -361,6 +363,7 @@ def sweep() -> None:
 
 
 @click.command("run")
+@with_appcontext
 @click.option("--port", type=click.IntRange(1, 65535), help="Default: $PORT or 8000.")
 @click.option(
     "--sandbox",

@@ -12,6 +12,12 @@ import pytest
 import responses
 from flask import Flask
 from flask.testing import FlaskClient
+
+from ipn.processing import process_notification
+from ipn.providers.coinbarpay import encrypt_legacy_token
+from ipn.services import Services
+from models import AnomalyKind, EventSource, NotificationStatus, PaymentStatus
+
 from helpers import (
     CUBEPAY_IPN,
     FORM,
@@ -31,11 +37,6 @@ from helpers import (
     notification,
 )
 
-from ipn.processing import process_notification
-from ipn.providers.coinbarpay import encrypt_legacy_token
-from ipn.services import Services
-from models import AnomalyKind, EventSource, NotificationStatus, PaymentStatus
-
 BPG_ID = "95bf1d853cf2e040f0ce219221f9b17206525941"
 BPG_STATUS_URL = f"{PROVIDER_URL}/bitcoinpaygate/v2/payments/{BPG_ID}"
 CUBEPAY_QUERY_URL = f"{PROVIDER_URL}/cubepay/payment/query"
@@ -51,8 +52,14 @@ def provider_api() -> Iterator[responses.RequestsMock]:
         yield mock
 
 
-def deliver(client: FlaskClient, app: Flask, services: Services, path: str, body: bytes,
-            headers: dict[str, str]) -> Any:
+def deliver(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+) -> Any:
     response = client.post(path, data=body, headers=headers)
     assert (response.status_code, response.get_data()) == (200, b"success")
     notification_id = app.extensions["ipn.dispatcher"].submitted[-1]
@@ -64,8 +71,13 @@ def deliver(client: FlaskClient, app: Flask, services: Services, path: str, body
 
 
 def cubepay_payment(services: Services, **fields: Any) -> Any:
-    values = {"provider_payment_id": "C1536678153791231775", "callback_token": "tok_5f2b9c",
-              "pay_amount": Decimal("0.01"), "pay_currency": "BTC", **fields}
+    values = {
+        "provider_payment_id": "C1536678153791231775",
+        "callback_token": "tok_5f2b9c",
+        "pay_amount": Decimal("0.01"),
+        "pay_currency": "BTC",
+        **fields,
+    }
     return make_payment(services.db, **values)
 
 
@@ -98,14 +110,21 @@ def test_cubepay_partial_payment_is_underpaid(
     assert load_payment(services.db, payment.id).status is PaymentStatus.UNDERPAID
 
 
-@pytest.mark.parametrize("body", [
-    CUBEPAY_IPN.replace(b"source_amount=500", b"source_amount=501"),  # one byte changed
-    CUBEPAY_IPN.replace(b"sign=5E25AF", b"sign=5E25AE"),  # signature one byte off
-    CUBEPAY_IPN.replace(b"client_id=exampleclientid", b"client_id=someoneelse"),
-    CUBEPAY_IPN.replace(b"other=tok_5f2b9c", b"other=tok_guess1"),  # changes sign too
-], ids=["body-byte", "sign-byte", "foreign-client", "token"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        CUBEPAY_IPN.replace(b"source_amount=500", b"source_amount=501"),  # one byte changed
+        CUBEPAY_IPN.replace(b"sign=5E25AF", b"sign=5E25AE"),  # signature one byte off
+        CUBEPAY_IPN.replace(b"client_id=exampleclientid", b"client_id=someoneelse"),
+        CUBEPAY_IPN.replace(b"other=tok_5f2b9c", b"other=tok_guess1"),  # changes sign too
+    ],
+    ids=["body-byte", "sign-byte", "foreign-client", "token"],
+)
 def test_cubepay_forged_ipn_is_kept_rejected_and_changes_nothing(
-    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock,
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
     body: bytes,
 ) -> None:
     payment = cubepay_payment(services)
@@ -182,15 +201,16 @@ def test_provider_outage_leaves_the_row_received_for_a_retry(
     [notification_id] = app.extensions["ipn.dispatcher"].submitted
     from ipn.processing import run
 
-    message, countdown = run(services, notification_id, retries_so_far=0)
+    _message, countdown = run(services, notification_id, retries_so_far=0)
     assert countdown is not None and countdown > 0
     row = notification(services.db, notification_id)
     assert row.status is NotificationStatus.RECEIVED
     assert "503" in (row.last_error or "")
     assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
     # The last permitted retry gives up: the row is failed with its error, nothing applied.
-    message, countdown = run(services, notification_id,
-                             retries_so_far=services.settings.task_max_retries)
+    _message, countdown = run(
+        services, notification_id, retries_so_far=services.settings.task_max_retries
+    )
     assert countdown is None
     row = notification(services.db, notification_id)
     assert row.status is NotificationStatus.FAILED
@@ -202,8 +222,14 @@ def test_provider_outage_leaves_the_row_received_for_a_retry(
 
 
 def bpg_payment(services: Services) -> Any:
-    return make_payment(services.db, provider="bitcoinpaygate", order_id="2015-03-10/123/1",
-                        provider_payment_id=BPG_ID, amount=Decimal("10.00"), currency="USD")
+    return make_payment(
+        services.db,
+        provider="bitcoinpaygate",
+        order_id="2015-03-10/123/1",
+        provider_payment_id=BPG_ID,
+        amount=Decimal("10.00"),
+        currency="USD",
+    )
 
 
 def bpg_headers(body: bytes, key: str = "examplehmackey") -> dict[str, str]:
@@ -213,8 +239,10 @@ def bpg_headers(body: bytes, key: str = "examplehmackey") -> dict[str, str]:
 def test_bitcoinpaygate_signature_vector_verifies_through_the_endpoint(
     client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
 ) -> None:
-    body = (b'{"paymentId":"95bf1d853cf2e040f0ce219221f9b17206525941","status":"CONFIRMED",'
-            b'"merchantTransactionId":"2015-03-10/123/1","currentTime":"2018-01-12T15:16:32Z"}')
+    body = (
+        b'{"paymentId":"95bf1d853cf2e040f0ce219221f9b17206525941","status":"CONFIRMED",'
+        b'"merchantTransactionId":"2015-03-10/123/1","currentTime":"2018-01-12T15:16:32Z"}'
+    )
     headers = {**JSON, "X-BPG-Signature": "2f63d990dd9703a3c92e8c9d6664c6bd78da8c9e"}
     payment = bpg_payment(services)
     provider_api.get(BPG_STATUS_URL, body=bpg_snapshot("CONFIRMED"))
@@ -225,7 +253,10 @@ def test_bitcoinpaygate_signature_vector_verifies_through_the_endpoint(
 
 @pytest.mark.parametrize("forge", ["byte", "key", "missing"])
 def test_bitcoinpaygate_forged_notification_is_rejected(
-    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock,
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
     forge: str,
 ) -> None:
     payment = bpg_payment(services)
@@ -245,20 +276,20 @@ def test_bitcoinpaygate_stale_snapshot_never_moves_backwards(
     client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
 ) -> None:
     payment = bpg_payment(services)
-    provider_api.get(BPG_STATUS_URL, body=bpg_snapshot("CONFIRMED",
-                                                       current_time="2018-01-12T15:20:00Z"))
+    provider_api.get(
+        BPG_STATUS_URL, body=bpg_snapshot("CONFIRMED", current_time="2018-01-12T15:20:00Z")
+    )
     new = bpg_snapshot("CONFIRMED", current_time="2018-01-12T15:20:00Z")
     deliver(client, app, services, "/ipn/bitcoinpaygate/notification", new, bpg_headers(new))
     assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
     # An older UNCONFIRMED snapshot arrives late: recorded, ignored, no query needed.
     old = bpg_snapshot("UNCONFIRMED", current_time="2018-01-12T15:10:00Z")
     calls_before = len(provider_api.calls)
-    row = deliver(client, app, services, "/ipn/bitcoinpaygate/notification", old,
-                  bpg_headers(old))
+    row = deliver(client, app, services, "/ipn/bitcoinpaygate/notification", old, bpg_headers(old))
     assert row.status is NotificationStatus.PROCESSED
     assert len(provider_api.calls) == calls_before
     assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
-    changed, stale = events(services.db, payment.id)
+    _changed, stale = events(services.db, payment.id)
     assert stale.from_status == stale.to_status == PaymentStatus.PAID
     assert "stale" in stale.detail
 
@@ -271,8 +302,11 @@ def test_bitcoinpaygate_out_of_order_answer_is_recorded_not_applied(
     body = bpg_snapshot("CONFIRMED")
     provider_api.get(BPG_STATUS_URL, body=bpg_snapshot("CONFIRMED"))
     deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, bpg_headers(body))
-    provider_api.replace(responses.GET, BPG_STATUS_URL,
-                         body=bpg_snapshot("UNCONFIRMED", current_time="2018-01-12T15:30:00Z"))
+    provider_api.replace(
+        responses.GET,
+        BPG_STATUS_URL,
+        body=bpg_snapshot("UNCONFIRMED", current_time="2018-01-12T15:30:00Z"),
+    )
     deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, bpg_headers(body))
     assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
     assert "backwards" in events(services.db, payment.id)[-1].detail
@@ -286,8 +320,11 @@ def test_bitcoinpaygate_paid_after_expired_is_an_anomaly(
     provider_api.get(BPG_STATUS_URL, body=bpg_snapshot("EXPIRED"))
     deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, bpg_headers(body))
     assert load_payment(services.db, payment.id).status is PaymentStatus.EXPIRED
-    provider_api.replace(responses.GET, BPG_STATUS_URL,
-                         body=bpg_snapshot("CONFIRMED", current_time="2018-01-12T16:00:00Z"))
+    provider_api.replace(
+        responses.GET,
+        BPG_STATUS_URL,
+        body=bpg_snapshot("CONFIRMED", current_time="2018-01-12T16:00:00Z"),
+    )
     deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, bpg_headers(body))
     assert load_payment(services.db, payment.id).status is PaymentStatus.EXPIRED
     [anomaly] = anomalies(services.db)
@@ -298,13 +335,13 @@ def test_bitcoinpaygate_anomaly_notification_is_recorded_once_and_changes_nothin
     client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
 ) -> None:
     payment = bpg_payment(services)
-    body = (b'{"paymentId":"%s","merchantTransactionId":"2015-03-10/123/1","paidBtc":0.5,'
-            b'"btcTransactions":[{"btcTxId":"bb5af4","btcAmount":0.5,'
-            b'"time":"2018-05-01T08:52:18.233Z"}],"notificationType":"ANOMALY"}'
-            % BPG_ID.encode())
+    body = (
+        b'{"paymentId":"%s","merchantTransactionId":"2015-03-10/123/1","paidBtc":0.5,'
+        b'"btcTransactions":[{"btcTxId":"bb5af4","btcAmount":0.5,'
+        b'"time":"2018-05-01T08:52:18.233Z"}],"notificationType":"ANOMALY"}' % BPG_ID.encode()
+    )
     for _ in range(2):
-        row = deliver(client, app, services, "/ipn/bitcoinpaygate/anomaly", body,
-                      bpg_headers(body))
+        row = deliver(client, app, services, "/ipn/bitcoinpaygate/anomaly", body, bpg_headers(body))
         assert row.status is NotificationStatus.PROCESSED
     [anomaly] = anomalies(services.db)
     assert anomaly.kind is AnomalyKind.UNEXPECTED_FUNDS
@@ -318,13 +355,21 @@ def test_bitcoinpaygate_anomaly_notification_is_recorded_once_and_changes_nothin
 
 
 def coinbar_payment(services: Services) -> Any:
-    return make_payment(services.db, provider="coinbarpay", order_id="order-1001",
-                        amount=Decimal("8.99"), currency="EUR")
+    return make_payment(
+        services.db,
+        provider="coinbarpay",
+        order_id="order-1001",
+        amount=Decimal("8.99"),
+        currency="EUR",
+    )
 
 
 def coinbar_headers(body: bytes, secret: str = "your_secret_key") -> dict[str, str]:
-    return {**JSON, "SIGNATURE": coinbarpay_signature(body, secret),
-            "CBPAY-API-KEY": "2cb63353-2541-4c4e-90d4-7bf1d4b42c5c"}
+    return {
+        **JSON,
+        "SIGNATURE": coinbarpay_signature(body, secret),
+        "CBPAY-API-KEY": "2cb63353-2541-4c4e-90d4-7bf1d4b42c5c",
+    }
 
 
 def test_coinbarpay_callback_is_settled_by_the_status_api(
@@ -352,9 +397,13 @@ def test_coinbarpay_legacy_token_callback_verifies_and_is_confirmed(
         b'{"payment_request_id_client":"order-1001","status":"SUCCESS",'
         b'"payment_id_coinbar":"499f5adb-5911-4d1f-8642-2c53c24075d9",'
         b'"payment_detail":{"total_price":8.99}}',
-        "0123456789abcdef0123456789abcdef", "fedcba9876543210")
-    body = ('{"responseToken":"%s","serviceClientId":"2cb63353-2541-4c4e-90d4-7bf1d4b42c5c",'
-            '"timestamp":1700000000000}' % token).encode()
+        "0123456789abcdef0123456789abcdef",
+        "fedcba9876543210",
+    )
+    body = (
+        '{"responseToken":"%s","serviceClientId":"2cb63353-2541-4c4e-90d4-7bf1d4b42c5c",'
+        '"timestamp":1700000000000}' % token
+    ).encode()
     provider_api.get(COINBAR_STATUS_URL, body=coinbarpay_status("SUCCESS"))
     row = deliver(client, app, services, "/ipn/coinbarpay", body, JSON)
     assert row.status is NotificationStatus.PROCESSED
@@ -363,7 +412,10 @@ def test_coinbarpay_legacy_token_callback_verifies_and_is_confirmed(
 
 @pytest.mark.parametrize("forge", ["byte", "key", "client", "token"])
 def test_coinbarpay_forged_callback_is_rejected(
-    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock,
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
     forge: str,
 ) -> None:
     payment = coinbar_payment(services)
@@ -374,8 +426,10 @@ def test_coinbarpay_forged_callback_is_rejected(
     if forge == "client":
         headers["CBPAY-API-KEY"] = "someone-else"
     if forge == "token":
-        body = (b'{"responseToken":"bm90IGEgdG9rZW4=","serviceClientId":'
-                b'"2cb63353-2541-4c4e-90d4-7bf1d4b42c5c","timestamp":1}')
+        body = (
+            b'{"responseToken":"bm90IGEgdG9rZW4=","serviceClientId":'
+            b'"2cb63353-2541-4c4e-90d4-7bf1d4b42c5c","timestamp":1}'
+        )
         headers = JSON
     row = deliver(client, app, services, "/ipn/coinbarpay", body, headers)
     assert row.status is NotificationStatus.REJECTED
@@ -398,8 +452,13 @@ def test_coinbarpay_unknown_status_opens_an_anomaly(
 
 
 def cp_payment(services: Services) -> Any:
-    return make_payment(services.db, provider="cryptoprocessing", order_id="order_12345",
-                        amount=Decimal("0.3"), currency="ETH")
+    return make_payment(
+        services.db,
+        provider="cryptoprocessing",
+        order_id="order_12345",
+        amount=Decimal("0.3"),
+        currency="ETH",
+    )
 
 
 def test_cryptoprocessing_signature_vector_and_callbacks_move_the_payment(
@@ -409,18 +468,25 @@ def test_cryptoprocessing_signature_vector_and_callbacks_move_the_payment(
 
     assert signature(b'{"currency":"BTC","foreign_id":"123456"}', "AbCdEfG123456") == (
         "03c25fcf7cd35e7d995e402cd5d51edd72d48e1471e865907967809a0c189ba55b90815f20e2bb10"
-        "f82c7a9e9d865546fda58989c2ae9e8e2ff7bc29195fa1ec")
+        "f82c7a9e9d865546fda58989c2ae9e8e2ff7bc29195fa1ec"
+    )
     payment = cp_payment(services)
-    steps = [("processing", "0.004", PaymentStatus.UNDERPAID),
-             ("processing", "0.0094", PaymentStatus.CONFIRMING),
-             ("paid", "0.0094", PaymentStatus.PAID)]
+    steps = [
+        ("processing", "0.004", PaymentStatus.UNDERPAID),
+        ("processing", "0.0094", PaymentStatus.CONFIRMING),
+        ("paid", "0.0094", PaymentStatus.PAID),
+    ]
     for status, received, expected in steps:
         body = cryptoprocessing_callback(status, received=received)
-        deliver(client, app, services, "/ipn/cryptoprocessing", body,
-                cryptoprocessing_headers(body))
+        deliver(
+            client, app, services, "/ipn/cryptoprocessing", body, cryptoprocessing_headers(body)
+        )
         assert load_payment(services.db, payment.id).status is expected
     assert [e.to_status for e in events(services.db, payment.id)] == [
-        PaymentStatus.UNDERPAID, PaymentStatus.CONFIRMING, PaymentStatus.PAID]
+        PaymentStatus.UNDERPAID,
+        PaymentStatus.CONFIRMING,
+        PaymentStatus.PAID,
+    ]
 
 
 @pytest.mark.parametrize("forge", ["byte", "key", "missing", "foreign-key"])
@@ -430,8 +496,10 @@ def test_cryptoprocessing_forged_callback_is_rejected(
     payment = cp_payment(services)
     body = cryptoprocessing_callback("paid", received="0.0094")
     headers = cryptoprocessing_headers(
-        body, secret="wrong" if forge == "key" else "AbCdEfG123456",
-        key="not-ours" if forge == "foreign-key" else "cp-api-key")
+        body,
+        secret="wrong" if forge == "key" else "AbCdEfG123456",
+        key="not-ours" if forge == "foreign-key" else "cp-api-key",
+    )
     if forge == "byte":
         body = body.replace(b'"amount":"0.3"', b'"amount":"0.4"')
     if forge == "missing":
@@ -451,8 +519,9 @@ def test_cryptoprocessing_unknown_status_and_other_types(
     assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
     assert [a.kind for a in anomalies(services.db)] == [AnomalyKind.UNKNOWN_STATUS]
     deposit = cryptoprocessing_callback("confirmed", kind="deposit")
-    row = deliver(client, app, services, "/ipn/cryptoprocessing", deposit,
-                  cryptoprocessing_headers(deposit))
+    row = deliver(
+        client, app, services, "/ipn/cryptoprocessing", deposit, cryptoprocessing_headers(deposit)
+    )
     assert row.status is NotificationStatus.IGNORED
     assert "deposit" in (row.outcome or "")
 
@@ -462,8 +531,12 @@ def test_duplicate_callbacks_have_one_effect(
 ) -> None:
     payment = cp_payment(services)
     body = cryptoprocessing_callback("paid", received="0.0094")
-    rows = [deliver(client, app, services, "/ipn/cryptoprocessing", body,
-                    cryptoprocessing_headers(body)) for _ in range(5)]
+    rows = [
+        deliver(
+            client, app, services, "/ipn/cryptoprocessing", body, cryptoprocessing_headers(body)
+        )
+        for _ in range(5)
+    ]
     assert all(row.status is NotificationStatus.PROCESSED for row in rows)
     [event] = events(services.db, payment.id)
     assert event.to_status is PaymentStatus.PAID
@@ -472,20 +545,42 @@ def test_duplicate_callbacks_have_one_effect(
 
 # --- every provider -------------------------------------------------------------------------
 
-MALFORMED = [b"{not json", b"\xff\xfe invalid utf-8", b"[1, 2, 3]", b'"just a string"',
-             b"[" * 30_000 + b"]" * 30_000, b""]
+MALFORMED = [
+    b"{not json",
+    b"\xff\xfe invalid utf-8",
+    b"[1, 2, 3]",
+    b'"just a string"',
+    b"[" * 30_000 + b"]" * 30_000,
+    b"",
+]
 
 
-@pytest.mark.parametrize("path", ["/ipn/cubepay", "/ipn/bitcoinpaygate/notification",
-                                  "/ipn/coinbarpay", "/ipn/cryptoprocessing"])
-@pytest.mark.parametrize("body", MALFORMED, ids=["json", "utf8", "array", "string", "deep",
-                                                 "empty"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ipn/cubepay",
+        "/ipn/bitcoinpaygate/notification",
+        "/ipn/coinbarpay",
+        "/ipn/cryptoprocessing",
+    ],
+)
+@pytest.mark.parametrize(
+    "body", MALFORMED, ids=["json", "utf8", "array", "string", "deep", "empty"]
+)
 def test_malformed_bodies_are_rejected_without_effect(
-    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock,
-    path: str, body: bytes,
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    path: str,
+    body: bytes,
 ) -> None:
-    headers = {**JSON, "X-BPG-Signature": bpg_signature(body), "SIGNATURE":
-               coinbarpay_signature(body), **cryptoprocessing_headers(body)}
+    headers = {
+        **JSON,
+        "X-BPG-Signature": bpg_signature(body),
+        "SIGNATURE": coinbarpay_signature(body),
+        **cryptoprocessing_headers(body),
+    }
     row = deliver(client, app, services, path, body, headers)
     assert row.status is NotificationStatus.REJECTED
     assert row.last_error
@@ -502,14 +597,19 @@ def test_unconfigured_provider_stores_and_ignores_then_replays(
 
     from conftest import RecordingDispatcher
 
-    app = create_app(settings.with_changes(
-        cryptoprocessing=settings.cryptoprocessing.__class__()))
+    app = create_app(settings.with_changes(cryptoprocessing=settings.cryptoprocessing.__class__()))
     app.extensions["ipn.dispatcher"] = RecordingDispatcher()
     services = app.extensions["ipn"]
     payment = cp_payment(services)
     body = cryptoprocessing_callback("paid", received="0.0094")
-    row = deliver(app.test_client(), app, services, "/ipn/cryptoprocessing", body,
-                  cryptoprocessing_headers(body))
+    row = deliver(
+        app.test_client(),
+        app,
+        services,
+        "/ipn/cryptoprocessing",
+        body,
+        cryptoprocessing_headers(body),
+    )
     assert row.status is NotificationStatus.IGNORED
     assert "not configured" in (row.outcome or "")
     # Configured later, the stored row replays into its effect.
@@ -531,22 +631,34 @@ def test_allowlist_rejects_other_senders(settings: Any) -> None:
     from conftest import RecordingDispatcher
 
     allow = (ipaddress.ip_network("198.51.100.0/24"),)
-    app = create_app(settings.with_changes(
-        cryptoprocessing=settings.cryptoprocessing.__class__(
-            api_key="cp-api-key", secret="AbCdEfG123456", allowed_ips=allow)))
+    app = create_app(
+        settings.with_changes(
+            cryptoprocessing=settings.cryptoprocessing.__class__(
+                api_key="cp-api-key", secret="AbCdEfG123456", allowed_ips=allow
+            )
+        )
+    )
     app.extensions["ipn.dispatcher"] = RecordingDispatcher()
     services = app.extensions["ipn"]
     payment = cp_payment(services)
     body = cryptoprocessing_callback("paid", received="0.0094")
     client = app.test_client()
-    client.post("/ipn/cryptoprocessing", data=body, headers=cryptoprocessing_headers(body),
-                environ_base={"REMOTE_ADDR": "203.0.113.7"})
+    client.post(
+        "/ipn/cryptoprocessing",
+        data=body,
+        headers=cryptoprocessing_headers(body),
+        environ_base={"REMOTE_ADDR": "203.0.113.7"},
+    )
     [outsider] = app.extensions["ipn.dispatcher"].submitted
     process_notification(services, outsider)
     assert notification(services.db, outsider).status is NotificationStatus.REJECTED
     assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
-    client.post("/ipn/cryptoprocessing", data=body, headers=cryptoprocessing_headers(body),
-                environ_base={"REMOTE_ADDR": "198.51.100.20"})
+    client.post(
+        "/ipn/cryptoprocessing",
+        data=body,
+        headers=cryptoprocessing_headers(body),
+        environ_base={"REMOTE_ADDR": "198.51.100.20"},
+    )
     process_notification(services, app.extensions["ipn.dispatcher"].submitted[-1])
     assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
     services.db.engine.dispose()

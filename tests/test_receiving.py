@@ -8,10 +8,8 @@ import io
 import threading
 
 import pytest
-from conftest import count_notifications
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import CUBEPAY_IPN, FORM, JSON, notification
 from sqlalchemy.exc import OperationalError
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
@@ -21,6 +19,9 @@ from ipn.config import Settings
 from ipn.dispatch import Dispatcher
 from ipn.services import Services
 from models import NotificationKind, NotificationStatus
+
+from conftest import count_notifications
+from helpers import CUBEPAY_IPN, FORM, JSON, notification
 
 
 @pytest.mark.parametrize("path", sorted(ENDPOINTS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from datetime import datetime
-from decimal import ROUND_UP, Decimal
+from decimal import Decimal
 from typing import Any
 
 from ipn.sandbox import market, wire
@@ -68,7 +68,7 @@ class CoinbarPay(FakeProvider):
         order_id = body["payment_request_id"]
         now = self.clock()
         change = market.rate(coin, input_coin)
-        amount = (total / change).quantize(Decimal(1).scaleb(-PLACES), rounding=ROUND_UP)
+        amount = market.divide_up(total, change, PLACES)
         payment = FakePayment(
             provider=self.name,
             payment_id=str(uuid.uuid4()),

@@ -22,12 +22,10 @@ class Courier:
         ledger: Ledger,
         clock: Callable[[], datetime],
         timeout: float = 5.0,
-        session: requests.Session | None = None,
     ) -> None:
         self.ledger = ledger
         self.clock = clock
         self.timeout = timeout
-        self.session = session or requests.Session()
 
     def send(
         self, payment: FakePayment, callback: OutgoingCallback, *, resend: bool = False
@@ -46,7 +44,8 @@ class Courier:
             resend=resend,
         )
         try:
-            response = self.session.post(
+            # No shared session: deliveries run on many threads at once.
+            response = requests.post(
                 callback.url,
                 data=callback.body,
                 headers=dict(callback.headers),

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation, localcontext
 from typing import Any, ClassVar
 
 from ipn.sandbox import market, wire
@@ -284,12 +284,16 @@ class FakeProvider(ABC):
             raise ActionRefused("the full amount has arrived already; confirm it instead")
         if action == "pay":
             return remaining
+        # Room for 18 decimals on a large amount.
+        with localcontext(prec=80):
+            half = (remaining / 2).quantize(step, rounding=ROUND_DOWN)
+            tenth = (payment.pay_amount / 10).quantize(step, rounding=ROUND_DOWN)
         if action == "underpay":
-            amount = options.amount or (remaining / 2).quantize(step, rounding=ROUND_DOWN)
+            amount = options.amount or half
             if not 0 < amount < remaining:
                 raise BadOptions(f"an underpayment is less than the {remaining} still due")
             return amount
-        amount = options.amount or remaining + (payment.pay_amount / 10).quantize(step)
+        amount = options.amount or remaining + max(tenth, step)
         if amount <= remaining:
             raise BadOptions(f"an overpayment is more than the {remaining} still due")
         return amount

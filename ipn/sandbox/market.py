@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from datetime import datetime
-from decimal import ROUND_UP, Decimal
+from decimal import ROUND_UP, Decimal, localcontext
 
 COIN_PRICES: dict[str, Decimal] = {
     "BTC": Decimal("50000"),
@@ -81,8 +81,14 @@ def convert(amount: Decimal, source: str, target: str, places: int = COIN_PLACES
     """`amount` of `source` in `target`, rounded up so that paying it always covers the price."""
     if source == target:
         return amount
-    exact = amount * price(source) / price(target)
-    return exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_UP)
+    return divide_up(amount * price(source), price(target), places)
+
+
+def divide_up(amount: Decimal, divisor: Decimal, places: int) -> Decimal:
+    """`amount / divisor` to `places` decimals, rounded up, however many digits that takes."""
+    # The default 28 digits are too few for a large amount written to 18 decimals.
+    with localcontext(prec=80):
+        return (amount / divisor).quantize(Decimal(1).scaleb(-places), rounding=ROUND_UP)
 
 
 def display_name(code: str) -> str:
