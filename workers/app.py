@@ -33,8 +33,6 @@ def make_celery(flask_app: Flask, settings: Settings) -> Celery:
             "max_retries": 0,
             "retry_on_timeout": False,
         }
-    else:
-        transport_options = {"polling_interval": 0.5}
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     celery.conf.update(
         broker_url=settings.broker_url,
@@ -68,6 +66,6 @@ def _fresh_connections(**_: Any) -> None:
     try:
         current_app.extensions["ipn"].db.dispose()
     except RuntimeError:  # no app context: the entry module's app is reached below
-        from workers.main import app
+        from workers.main import flask_app
 
-        app.extensions["ipn"].db.dispose()
+        flask_app.extensions["ipn"].db.dispose()

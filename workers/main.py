@@ -2,5 +2,6 @@
 
 from ipn import create_app
 
-app = create_app()
-celery = app.extensions["celery"]
+# Not named `app`: Celery's -A would take that for its own app.
+flask_app = create_app()
+celery = flask_app.extensions["celery"]
