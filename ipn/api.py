@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Callable
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 
+from ipn import payments, serialize
 from ipn import replay as replays
-from ipn import serialize
 from ipn.anomalies import resolve_anomaly
+from ipn.errors import InvalidPaymentRequest, ProviderError
 from ipn.services import Services
 from models import (
     Anomaly,
@@ -55,6 +58,23 @@ def require_token() -> tuple[Response, int] | None:
     ):
         return jsonify(error="missing or wrong bearer token"), 401
     return None
+
+
+@bp.post("/payments")
+def create_payment() -> tuple[Response, int]:
+    services = _services()
+    body = _json_body()
+    try:
+        request_ = payments.parse_create_request(body, services.providers)
+        payment, created = payments.create_payment(services, request_)
+    except InvalidPaymentRequest as exc:
+        return jsonify(error=str(exc), field=exc.field), 422
+    except payments.DuplicateOrder as exc:
+        return jsonify(error=str(exc), payment=serialize.payment(exc.payment)), 409
+    except ProviderError as exc:
+        # Nothing was recorded: the same create may be sent again.
+        return jsonify(error=f"the provider did not create the payment: {exc}"), 502
+    return jsonify(serialize.payment(payment)), 201 if created else 200
 
 
 @bp.get("/payments")
@@ -186,9 +206,14 @@ def _page(query: Any, key: Any, shape: Callable[[Any], dict[str, Any]], *, curso
 
 
 def _json_body(*, optional: bool = False) -> dict[str, Any]:
-    if optional and not request.get_data(cache=True):
+    raw = request.get_data(cache=True)
+    if optional and not raw:
         return {}
-    body = request.get_json(silent=True)
+    try:
+        # Exact decimals: an amount sent as a JSON number must not pass through a float.
+        body = json.loads(raw, parse_float=Decimal)
+    except (ValueError, RecursionError):
+        body = None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body

@@ -199,6 +199,60 @@ def notifications_show(notification_id: int, as_json: bool) -> None:
 payments = AppGroup("payments", help="Payments and their timelines.")
 
 
+@payments.command("create")
+@click.option("--provider", type=click.Choice(PROVIDERS), required=True)
+@click.option("--order-id", required=True, help="The merchant's reference, unique per provider.")
+@click.option("--amount", required=True, help="Exact decimal, e.g. 10.00.")
+@click.option("--currency", required=True, help="What the amount is in, e.g. EUR.")
+@click.option("--pay-currency", help="The coin the customer pays in, where the provider asks.")
+@click.option("--description")
+@click.option("--customer-email")
+@json_option
+def payments_create(
+    provider: str,
+    order_id: str,
+    amount: str,
+    currency: str,
+    pay_currency: str | None,
+    description: str | None,
+    customer_email: str | None,
+    as_json: bool,
+) -> None:
+    """Create a payment at a provider and record it."""
+    from ipn import payments as creating
+    from ipn.errors import InvalidPaymentRequest, ProviderError
+
+    fields = {
+        "provider": provider,
+        "order_id": order_id,
+        "amount": amount,
+        "currency": currency,
+        "pay_currency": pay_currency,
+        "description": description,
+        "customer_email": customer_email,
+    }
+    try:
+        request = creating.parse_create_request(fields, services().providers)
+        payment, _ = creating.create_payment(services(), request)
+    except InvalidPaymentRequest as exc:
+        raise click.BadParameter(
+            exc.message, param_hint=f"--{exc.field.replace('_', '-')}"
+        ) from None
+    except creating.DuplicateOrder as exc:
+        raise click.ClickException(str(exc)) from None
+    except ProviderError as exc:
+        raise click.ClickException(f"the provider did not create the payment: {exc}") from None
+    detail = serialize.payment(payment)
+    if as_json:
+        click.echo(serialize.dumps(detail))
+        return
+    click.echo(
+        f"created {payment.id} at {provider}: pay {detail['pay_amount'] or '?'} "
+        f"{detail['pay_currency'] or ''} to {payment.pay_address or payment.pay_url or '-'}"
+        f" before {detail['expires_at'] or '-'}"
+    )
+
+
 @payments.command("show")
 @click.argument("reference")
 @json_option

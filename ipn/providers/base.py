@@ -172,6 +172,9 @@ class Provider(ABC):
         """Ask the provider, server to server, where the payment stands."""
         raise NotImplementedError(f"{self.name} has no status API")
 
+    def check_request(self, request: PaymentRequest) -> None:  # noqa: B027 - optional hook
+        """Raise InvalidPaymentRequest for what this provider cannot take; nothing is sent."""
+
     def create_payment(self, request: PaymentRequest) -> Snapshot:
         """Create the payment at the provider; the snapshot holds everything the customer needs.
 

@@ -155,7 +155,7 @@ class BitcoinPaygate(Provider):
             return False
         raise ProviderUnavailable(f"bitcoinpaygate: unexpected answer to a resend: {value!r}")
 
-    def create_payment(self, request: PaymentRequest) -> Snapshot:
+    def check_request(self, request: PaymentRequest) -> None:
         if not request.amount.is_finite() or request.amount <= 0:
             raise InvalidPaymentRequest("amount", "BitcoinPaygate takes only a positive amount")
         if not request.currency:
@@ -164,6 +164,9 @@ class BitcoinPaygate(Provider):
             raise InvalidPaymentRequest("pay_currency", "BitcoinPaygate takes only BTC")
         if not request.order_id:
             raise InvalidPaymentRequest("order_id", "BitcoinPaygate needs a merchant id")
+
+    def create_payment(self, request: PaymentRequest) -> Snapshot:
+        self.check_request(request)
         payload = {
             # A string keeps every digit; the API takes a number or a string.
             "amount": format(request.amount, "f"),

@@ -272,6 +272,9 @@ class CoinbarPay(Provider):
             )
         return snapshot
 
+    def check_request(self, request: PaymentRequest) -> None:
+        _check_request(request)
+
     def create_payment(self, request: PaymentRequest) -> Snapshot:
         client_id, secret = self._credentials()
         email, pay_currency = _check_request(request)

@@ -131,13 +131,18 @@ class CubePay(Provider):
         matching = [record for record in records if wanted and record.get("id") == wanted]
         return self._snapshot(matching[0] if matching else records[-1], "payment/query")
 
-    def create_payment(self, request: PaymentRequest) -> Snapshot:
-        coin_id = self._currency_id(request.pay_currency, "pay_currency")
-        source_coin_id = self._currency_id(request.currency, "currency")
+    def check_request(self, request: PaymentRequest) -> None:
+        self._currency_id(request.pay_currency, "pay_currency")
+        self._currency_id(request.currency, "currency")
         if not request.amount.is_finite() or request.amount <= 0:
             raise InvalidPaymentRequest("amount", "CubePay takes only a positive amount")
         if not request.order_id:
             raise InvalidPaymentRequest("order_id", "CubePay needs a merchant transaction id")
+
+    def create_payment(self, request: PaymentRequest) -> Snapshot:
+        self.check_request(request)
+        coin_id = self._currency_id(request.pay_currency, "pay_currency")
+        source_coin_id = self._currency_id(request.currency, "currency")
         fields = {
             "coin_id": str(coin_id),
             "source_coin_id": str(source_coin_id),

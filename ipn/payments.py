@@ -1,0 +1,265 @@
+"""Creating payments at providers and recording them: validated input, one record per provider
+and order id, nothing recorded when the provider fails, and a retry that cannot create twice
+where the provider can be asked about our order id."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+
+from ipn import polling
+from ipn.callbacks import ENDPOINTS
+from ipn.currencies import decimals
+from ipn.errors import InvalidPaymentRequest, PaymentNotFound
+from ipn.providers.base import PaymentRef, PaymentRequest, Snapshot
+from ipn.services import Services
+from ipn.transitions import Evidence, apply_snapshot
+from models import EventSource, Payment, PaymentEvent, PaymentStatus, utcnow
+
+MAX_ORDER_ID = 255
+MAX_DIGITS = 30
+# Providers whose status API finds a payment by our order id: a retried create asks first.
+LOOKUP_BY_ORDER_ID = frozenset({"cubepay", "coinbarpay"})
+
+
+class DuplicateOrder(Exception):
+    def __init__(self, payment: Payment) -> None:
+        super().__init__(
+            f"order {payment.order_id!r} already has payment {payment.id} at {payment.provider}"
+        )
+        self.payment = payment
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    provider: str
+    order_id: str
+    amount: Decimal
+    currency: str
+    pay_currency: str | None = None
+    description: str | None = None
+    customer_email: str | None = None
+
+
+def parse_create_request(data: Mapping[str, Any], providers: Mapping[str, object]) -> CreateRequest:
+    """Check a merchant's create request field by field; InvalidPaymentRequest names the first
+    field that is wrong. Amounts must be strings (or exact JSON numbers) of a positive decimal
+    with no more places than the currency has."""
+    provider = _text(data, "provider", required=True)
+    if provider not in providers:
+        raise InvalidPaymentRequest("provider", f"must be one of {', '.join(providers)}")
+    order_id = _text(data, "order_id", required=True)
+    if len(order_id) > MAX_ORDER_ID or not order_id.isprintable():
+        raise InvalidPaymentRequest(
+            "order_id", f"must be printable, at most {MAX_ORDER_ID} characters"
+        )
+    currency = _text(data, "currency", required=True).upper()
+    places = decimals(currency)
+    if places is None:
+        raise InvalidPaymentRequest("currency", f"unknown currency {currency!r}")
+    amount = _amount(data.get("amount"), places)
+    pay_currency = _text(data, "pay_currency")
+    if pay_currency is not None:
+        pay_currency = pay_currency.upper()
+        if decimals(pay_currency) is None:
+            raise InvalidPaymentRequest("pay_currency", f"unknown currency {pay_currency!r}")
+    email = _text(data, "customer_email")
+    if email is not None and ("@" not in email or len(email) > 254):
+        raise InvalidPaymentRequest("customer_email", "is not an e-mail address")
+    return CreateRequest(
+        provider, order_id, amount, currency, pay_currency, _text(data, "description"), email
+    )
+
+
+def create_payment(services: Services, request: CreateRequest) -> tuple[Payment, bool]:
+    """Create at the provider and record it: (payment, True), or (payment, False) when an
+    earlier attempt that looked failed had in fact created it. Raises DuplicateOrder,
+    InvalidPaymentRequest (nothing sent) and ProviderError (nothing recorded)."""
+    provider = services.provider(request.provider)
+    if not provider.configured:
+        raise InvalidPaymentRequest("provider", f"{provider.name} is not configured")
+    with order_lock(services, request.provider, request.order_id):
+        existing = _find(services, request.provider, request.order_id)
+        if existing is not None:
+            raise DuplicateOrder(existing)
+        token = secrets.token_urlsafe(24)
+        wire = PaymentRequest(
+            order_id=request.order_id,
+            amount=request.amount,
+            currency=request.currency,
+            notification_url=_callback_url(services, request.provider),
+            pay_currency=request.pay_currency,
+            description=request.description,
+            customer_email=request.customer_email,
+            callback_token=token,
+            anomaly_url=f"{services.settings.public_url}/ipn/bitcoinpaygate/anomaly"
+            if request.provider == "bitcoinpaygate"
+            else None,
+        )
+        provider.check_request(wire)
+        found = _created_earlier(services, request)
+        if found is not None:
+            return _record_found(services, request, found), False
+        snapshot = provider.create_payment(wire)
+        return _record(services, request, snapshot, token), True
+
+
+def _created_earlier(services: Services, request: CreateRequest) -> Snapshot | None:
+    """After a create that timed out, the provider may hold the payment: ask before creating."""
+    if request.provider not in LOOKUP_BY_ORDER_ID:
+        return None
+    try:
+        return services.provider(request.provider).fetch_status(PaymentRef(request.order_id))
+    except PaymentNotFound:
+        return None
+
+
+def _record(services: Services, request: CreateRequest, snapshot: Snapshot, token: str) -> Payment:
+    now = utcnow()
+    payment = Payment(
+        provider=request.provider,
+        order_id=request.order_id,
+        provider_payment_id=snapshot.provider_payment_id,
+        status=PaymentStatus.PENDING,
+        provider_status=snapshot.provider_status or None,
+        amount=request.amount,
+        currency=request.currency,
+        pay_amount=snapshot.pay_amount,
+        pay_currency=snapshot.pay_currency or request.pay_currency,
+        pay_address=snapshot.pay_address,
+        pay_url=snapshot.pay_url,
+        payment_uri=snapshot.payment_uri,
+        description=request.description,
+        expires_at=snapshot.expires_at,
+        callback_token=token,
+        created_at=now,
+        updated_at=now,
+    )
+    payment.next_check_at = polling.next_check_at(
+        payment, now, EventSource.CREATE, services.settings.expiry_grace
+    )
+    try:
+        with services.db.transaction() as session:
+            session.add(payment)
+            session.flush()
+            session.add(
+                PaymentEvent(
+                    payment_id=payment.id,
+                    at=now,
+                    source=EventSource.CREATE,
+                    from_status=None,
+                    to_status=PaymentStatus.PENDING,
+                    provider_status=payment.provider_status,
+                    detail=f"created at {request.provider} as {snapshot.provider_payment_id or '-'}"
+                    f", expires {snapshot.expires_at.isoformat() if snapshot.expires_at else '-'}",
+                )
+            )
+    except IntegrityError:
+        # Only possible if a callback adopted it between the provider's answer and now.
+        existing = _find(services, request.provider, request.order_id)
+        if existing is None:
+            raise
+        raise DuplicateOrder(existing) from None
+    return payment
+
+
+def _record_found(services: Services, request: CreateRequest, snapshot: Snapshot) -> Payment:
+    """The provider already had it: record it from its answer, as an adoption says."""
+    now = utcnow()
+    with services.db.transaction() as session:
+        applied = apply_snapshot(
+            session,
+            services.provider(request.provider),
+            snapshot,
+            Evidence(EventSource.CREATE, "create retried: the provider already had this order"),
+            now=now,
+            ref=PaymentRef(request.order_id),
+            may_adopt=True,
+        )
+        assert applied is not None
+        payment = applied.payment
+        payment.description = request.description
+        if payment.amount is None:
+            payment.amount, payment.currency = request.amount, request.currency
+    return payment
+
+
+def _find(services: Services, provider: str, order_id: str) -> Payment | None:
+    with services.db.sessions() as session:
+        return session.scalars(
+            select(Payment).where(Payment.provider == provider, Payment.order_id == order_id)
+        ).first()
+
+
+def _callback_url(services: Services, provider: str) -> str:
+    path = next(
+        path for path, (name, kind) in ENDPOINTS.items() if name == provider and kind != "anomaly"
+    )
+    return f"{services.settings.public_url}/ipn{path}"
+
+
+_local_locks: dict[str, threading.Lock] = {}
+_local_guard = threading.Lock()
+
+
+@contextmanager
+def order_lock(services: Services, provider: str, order_id: str) -> Iterator[None]:
+    """One create at a time per provider and order id: a PostgreSQL advisory lock across
+    processes and machines; on SQLite (one web process) a lock in this process."""
+    key = f"{provider}:{order_id}"
+    if services.db.is_postgresql:
+        number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+        with services.db.engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": number})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": number})
+                connection.commit()
+        return
+    with _local_guard:
+        lock = _local_locks.setdefault(key, threading.Lock())
+    with lock:
+        yield
+
+
+def _text(data: Mapping[str, Any], field: str, *, required: bool = False) -> Any:
+    value = data.get(field)
+    if value is None or value == "":
+        if required:
+            raise InvalidPaymentRequest(field, "is required")
+        return None
+    if not isinstance(value, str):
+        raise InvalidPaymentRequest(field, "must be a string")
+    return value.strip()
+
+
+def _amount(value: Any, places: int) -> Decimal:
+    if value is None or value == "":
+        raise InvalidPaymentRequest("amount", "is required")
+    if isinstance(value, bool) or isinstance(value, float):
+        raise InvalidPaymentRequest("amount", 'must be a string holding a decimal, e.g. "10.00"')
+    try:
+        amount = Decimal(str(value).strip()) if isinstance(value, str | int | Decimal) else None
+    except InvalidOperation:
+        amount = None
+    if amount is None or not amount.is_finite():
+        raise InvalidPaymentRequest("amount", f"{value!r} is not a decimal number")
+    if amount <= 0:
+        raise InvalidPaymentRequest("amount", "must be more than zero")
+    exponent = amount.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if -exponent > places:
+        raise InvalidPaymentRequest("amount", f"has more than {places} decimals")
+    if len(amount.as_tuple().digits) > MAX_DIGITS:
+        raise InvalidPaymentRequest("amount", "is too large")
+    return amount
