@@ -98,6 +98,25 @@ def show_payment(payment_id: str) -> Response:
         return jsonify(serialize.payment_detail(session, payment))
 
 
+@bp.post("/payments/<payment_id>/reconcile")
+def reconcile_payment(payment_id: str) -> Response:
+    from ipn.reconcile import check_payment
+
+    services = _services()
+    check = check_payment(services, payment_id, force=True)
+    if check.message == "no such payment":
+        raise BadRequest(f"no payment {payment_id}", 404)
+    with services.db.sessions() as session:
+        payment = session.get(Payment, payment_id)
+        assert payment is not None
+        return jsonify(
+            {
+                **serialize.payment(payment),
+                "check": {"outcome": check.outcome, "message": check.message},
+            }
+        )
+
+
 @bp.get("/notifications")
 def list_notifications() -> Response:
     which = _replay_filter(request.args)

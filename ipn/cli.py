@@ -11,6 +11,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ipn import replay as replays
 from ipn import serialize
@@ -55,7 +56,7 @@ def main() -> None:
 
 
 def register(app: Flask) -> None:
-    for command in (db, notifications, payments, anomalies, replay, sweep, run):
+    for command in (db, notifications, payments, anomalies, replay, sweep, reconcile, run, sandbox):
         app.cli.add_command(command)
 
 
@@ -259,17 +260,7 @@ def payments_create(
 def payments_show(reference: str, as_json: bool) -> None:
     """A payment by our id or the merchant's order id, with its timeline and anomalies."""
     with services().db.sessions() as session:
-        payment = session.get(Payment, reference)
-        if payment is None:
-            found = session.scalars(select(Payment).where(Payment.order_id == reference)).all()
-            if len(found) > 1:
-                names = ", ".join(f"{p.provider} ({p.id})" for p in found)
-                raise click.ClickException(
-                    f"order id {reference!r} is used at {names}: give the payment id"
-                )
-            if not found:
-                raise click.ClickException(f"no payment with id or order id {reference!r}")
-            payment = found[0]
+        payment = _payment_by_reference(session, reference)
         detail = serialize.payment_detail(session, payment)
     if as_json:
         click.echo(serialize.dumps(detail))
@@ -416,6 +407,47 @@ def sweep() -> None:
     click.echo(f"inbox sweep: {sweep_inbox(services(), send)}")
 
 
+@click.command("reconcile")
+@with_appcontext
+@provider_option
+@click.option("--payment", "payment_ref", help="Ask about this payment now (id or order id).")
+def reconcile(provider: str | None, payment_ref: str | None) -> None:
+    """One reconciliation pass now: ask providers about due payments and settle expiries.
+    Provider errors are reported a line each; the pass goes on."""
+    from ipn import reconcile as passes
+
+    if payment_ref:
+        with services().db.sessions() as session:
+            payment = _payment_by_reference(session, payment_ref)
+        check = passes.check_payment(services(), payment.id, force=True)
+        click.echo(f"{payment.id}: {check.outcome}: {check.message}")
+        return
+    now = serialize.parse_time("0s")
+    due = passes.count_due(services(), now, provider)
+    report: passes.PassReport
+    if sys.stdout.isatty() and due:
+        with click.progressbar(length=due, label="reconciling", file=sys.stderr) as bar:
+            report = passes.reconcile_due(
+                services(), now=now, provider=provider, on_check=lambda _check: bar.update(1)
+            )
+    else:
+        report = passes.reconcile_due(services(), now=now, provider=provider)
+    for failure in report.failures:
+        click.echo(f"{failure.payment_id}: provider error: {failure.message}")
+    click.echo(f"reconciliation: {report}")
+
+
+@click.command("sandbox")
+@with_appcontext
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+def sandbox(host: str, port: int) -> None:
+    """A local fake of the four providers' APIs that sends signed callbacks to this service."""
+    from ipn.sandbox import serve
+
+    serve(host=host, port=port, settings=services().settings)
+
+
 @click.command("run")
 @with_appcontext
 @click.option("--port", type=click.IntRange(1, 65535), help="Default: $PORT or 8000.")
@@ -432,6 +464,22 @@ def run(port: int | None, sandbox: bool) -> None:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _payment_by_reference(session: Session, reference: str) -> Payment:
+    """Our payment id, or the merchant's order id when it names one payment only."""
+    payment = session.get(Payment, reference)
+    if payment is not None:
+        return payment
+    found = session.scalars(select(Payment).where(Payment.order_id == reference)).all()
+    if len(found) > 1:
+        names = ", ".join(f"{p.provider} ({p.id})" for p in found)
+        raise click.ClickException(
+            f"order id {reference!r} is used at {names}: give the payment id"
+        )
+    if not found:
+        raise click.ClickException(f"no payment with id or order id {reference!r}")
+    return found[0]
 
 
 def _keyset(query: Any, key: Any) -> Iterable[Any]:

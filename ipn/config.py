@@ -15,6 +15,13 @@ from ipn.errors import ConfigurationError
 # The ids seen in CubePay's docs and SDKs; others come from its /currency endpoints.
 CUBEPAY_CURRENCY_IDS = {"ETH": 1, "BTC": 2, "USDT": 3, "LTC": 4, "TWD": 443, "USD": 447}
 
+# CoinbarPay allows 1000 calls a day per client; polls take 800 and leave the rest to callbacks.
+DEFAULT_POLL_LIMITS = {
+    "cubepay": (120, "minute"),
+    "bitcoinpaygate": (120, "minute"),
+    "coinbarpay": (800, "day"),
+}
+
 PROVIDERS = ("cubepay", "bitcoinpaygate", "coinbarpay", "cryptoprocessing")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -120,6 +127,14 @@ class Settings:
     max_attempts: int = 8
     # Redis: an unacknowledged message comes back after this long; keep it above any retry delay.
     visibility_timeout: int = 3600
+    # Status queries a reconciliation pass may make, per provider: (calls, "minute" | "day").
+    poll_limits: Mapping[str, tuple[int, str]] = field(
+        default_factory=lambda: dict(DEFAULT_POLL_LIMITS)
+    )
+    # How long a settled payment is still asked about: late funds after an expiry become
+    # anomalies (IPN_LATE_PAYMENT_WATCH_HOURS).
+    late_payment_watch: timedelta = timedelta(hours=24)
+    reconcile_batch: int = 200
     http: HTTPSettings = HTTPSettings()
     cubepay: CubePaySettings = CubePaySettings()
     bitcoinpaygate: BitcoinPaygateSettings = BitcoinPaygateSettings()
@@ -178,6 +193,9 @@ class Settings:
             sweep_after=timedelta(seconds=reader.integer("IPN_SWEEP_AFTER_SECONDS", 180)),
             max_attempts=reader.integer("IPN_MAX_ATTEMPTS", 8, minimum=1),
             visibility_timeout=reader.integer("IPN_VISIBILITY_TIMEOUT", 3600, minimum=1),
+            poll_limits=reader.poll_limits("IPN_POLL_LIMITS", DEFAULT_POLL_LIMITS),
+            late_payment_watch=timedelta(hours=reader.integer("IPN_LATE_PAYMENT_WATCH_HOURS", 24)),
+            reconcile_batch=reader.integer("IPN_RECONCILE_BATCH", 200, minimum=1, maximum=5000),
             http=HTTPSettings(
                 connect_timeout=reader.number("IPN_HTTP_CONNECT_TIMEOUT", 3.05),
                 read_timeout=reader.number("IPN_HTTP_READ_TIMEOUT", 10.0),
@@ -289,6 +307,32 @@ class _EnvReader:
         if raw not in choices:
             raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
         return choices[raw]
+
+    def poll_limits(
+        self, name: str, defaults: Mapping[str, tuple[int, str]]
+    ) -> dict[str, tuple[int, str]]:
+        """`coinbarpay=800/day,cubepay=60/minute` on top of the defaults."""
+        limits = dict(defaults)
+        for part in (self.text(name) or "").split(","):
+            if not part.strip():
+                continue
+            provider, _, rule = part.partition("=")
+            calls, _, period = rule.partition("/")
+            provider, period = provider.strip(), period.strip()
+            if (
+                provider not in PROVIDERS
+                or not calls.strip().isdigit()
+                or period
+                not in (
+                    "minute",
+                    "day",
+                )
+            ):
+                raise ConfigurationError(
+                    f"{name} must look like coinbarpay=800/day,cubepay=60/minute, not {part!r}"
+                )
+            limits[provider] = (int(calls), period)
+        return limits
 
     def currency_ids(self, name: str, defaults: Mapping[str, int]) -> dict[str, int]:
         """`EUR=446,GBP=445` on top of the defaults."""

@@ -16,10 +16,10 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from ipn import polling
 from ipn.callbacks import ENDPOINTS
 from ipn.currencies import decimals
 from ipn.errors import InvalidPaymentRequest, PaymentNotFound
+from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, PaymentRequest, Snapshot
 from ipn.services import Services
 from ipn.transitions import Evidence, apply_snapshot
@@ -144,8 +144,8 @@ def _record(services: Services, request: CreateRequest, snapshot: Snapshot, toke
         created_at=now,
         updated_at=now,
     )
-    payment.next_check_at = polling.next_check_at(
-        payment, now, EventSource.CREATE, services.settings.expiry_grace
+    payment.next_check_at = Schedule.from_settings(services.settings).next_check_at(
+        payment, now, EventSource.CREATE
     )
     try:
         with services.db.transaction() as session:
@@ -184,6 +184,7 @@ def _record_found(services: Services, request: CreateRequest, snapshot: Snapshot
             now=now,
             ref=PaymentRef(request.order_id),
             may_adopt=True,
+            schedule=Schedule.from_settings(services.settings),
         )
         assert applied is not None
         payment = applied.payment

@@ -25,6 +25,7 @@ from ipn.errors import (
     ProviderUnavailable,
 )
 from ipn.inbox import ERROR_LIMIT, settle
+from ipn.polling import Schedule
 from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
 from ipn.providers.bitcoinpaygate import anomaly_key
 from ipn.services import Services
@@ -142,7 +143,14 @@ def process_notification(
 
     def apply(session: Session) -> Outcome:
         applied = apply_snapshot(
-            session, provider, snapshot, evidence, now=now, ref=callback.ref, may_adopt=may_adopt
+            session,
+            provider,
+            snapshot,
+            evidence,
+            now=now,
+            ref=callback.ref,
+            may_adopt=may_adopt,
+            schedule=Schedule.from_settings(services.settings),
         )
         if applied is None:
             message = "no such payment here and nothing verified to adopt it from"

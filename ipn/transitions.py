@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from ipn import polling
 from ipn.anomalies import open_anomaly
+from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from models import (
     AnomalyKind,
@@ -130,6 +130,7 @@ def apply_snapshot(
     payment: Payment | None = None,
     ref: PaymentRef | None = None,
     may_adopt: bool = False,
+    schedule: Schedule | None = None,
 ) -> Applied | None:
     """Apply what the provider says to the payment it names. None when there is no such payment
     and adoption is not allowed. The caller owns the transaction and commits."""
@@ -142,6 +143,7 @@ def apply_snapshot(
             if not may_adopt:
                 return None
             payment = adopt(session, provider, snapshot, ref, evidence, now)
+    schedule = schedule or Schedule()
     current = payment.status
     status_text = f"{provider.name} status {snapshot.provider_status}"
 
@@ -221,7 +223,7 @@ def apply_snapshot(
             )
 
     if target is current:
-        payment.next_check_at = polling.next_check_at(payment, now, evidence.source)
+        payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
         if snapshot.provider_status == payment.provider_status and not anomaly_ids:
             if evidence.source is EventSource.REPLAY:
                 event = _record(
@@ -285,7 +287,7 @@ def apply_snapshot(
         payment.snapshot_at = snapshot.as_of
     _fill_details(payment, snapshot)
     payment.updated_at = now
-    payment.next_check_at = polling.next_check_at(payment, now, evidence.source)
+    payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
     if overturned:
         note += " (overturns the expiry we inferred from our own clock)"
     session.flush()  # the compare-and-set: StaleDataError if another worker moved it first

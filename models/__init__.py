@@ -10,6 +10,7 @@ from models.notification import (
     ReplayMode,
 )
 from models.payment import OPEN, TERMINAL, EventSource, Payment, PaymentEvent, PaymentStatus
+from models.rate_limit import ProviderCalls
 
 __all__ = [
     "OPEN",
@@ -27,6 +28,7 @@ __all__ = [
     "Payment",
     "PaymentEvent",
     "PaymentStatus",
+    "ProviderCalls",
     "ReplayMode",
     "UTCDateTime",
     "new_id",

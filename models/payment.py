@@ -87,6 +87,9 @@ class Payment(Base):
     snapshot_at: Mapped[datetime | None]
     next_check_at: Mapped[datetime | None]
     checks: Mapped[int] = mapped_column(default=0)
+    # Status queries in a row that got no usable answer: drives the backoff of the next one.
+    poll_failures: Mapped[int] = mapped_column(default=0, server_default="0")
+    last_checked_at: Mapped[datetime | None]
     # Per-payment secret the provider echoes back (CubePay `other`); never logged or shown.
     callback_token: Mapped[str | None] = mapped_column(String(64))
     # Every UPDATE is a compare-and-set on this column (SQLAlchemy raises StaleDataError when

@@ -12,6 +12,7 @@ from flask import Flask
 from ipn.config import Settings
 
 SWEEP_EVERY = timedelta(minutes=1)
+RECONCILE_EVERY = timedelta(minutes=1)
 
 
 def make_celery(flask_app: Flask, settings: Settings) -> Celery:
@@ -50,6 +51,7 @@ def make_celery(flask_app: Flask, settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         beat_schedule={
             "sweep-inbox": {"task": "ipn.sweep_inbox", "schedule": SWEEP_EVERY},
+            "reconcile-due": {"task": "ipn.reconcile_due", "schedule": RECONCILE_EVERY},
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         include=["workers.tasks"],

@@ -5,8 +5,10 @@ from __future__ import annotations
 from celery import shared_task
 from flask import current_app
 
-from ipn import processing, sweeper
+from ipn import processing, reconcile, sweeper
 from ipn.services import Services
+
+RECONCILE_BUDGET_SECONDS = 50.0
 
 
 def _services() -> Services:
@@ -31,3 +33,9 @@ def process_notification(self, notification_id: int) -> str:  # type: ignore[no-
 @shared_task(name="ipn.sweep_inbox")
 def sweep_inbox() -> str:
     return str(sweeper.sweep_inbox(_services(), enqueue))
+
+
+@shared_task(name="ipn.reconcile_due")
+def reconcile_due() -> str:
+    # Stop claiming before the next beat: an unfinished pass is picked up by the next one.
+    return str(reconcile.reconcile_due(_services(), time_budget=RECONCILE_BUDGET_SECONDS))
