@@ -141,12 +141,10 @@ class Sandbox:
         if not isinstance(body, Mapping):
             raise BadOptions("the body is a JSON object of options")
         options = ActionOptions.parse(body)
-        fake = self.fakes.get(provider)
         now = self.clock()
         with self.ledger.lock:
             payment = self._find(provider, ident)
-            assert fake is not None
-            outcome = fake.perform(payment, action, options, now)
+            outcome = self.fakes[provider].perform(payment, action, options, now)
         deliveries = [self.courier.send(payment, callback) for callback in outcome.callbacks]
         with self.ledger.lock:
             return {

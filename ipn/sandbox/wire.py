@@ -99,7 +99,3 @@ def _write(value: Any, parts: list[str]) -> None:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
