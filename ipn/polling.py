@@ -24,6 +24,8 @@ WATCH_INTERVAL = timedelta(hours=1)
 REFUND_WATCH_INTERVAL = timedelta(hours=6)
 # After a failed status query: 1, 2, 4, ... minutes, at most an hour.
 FAILURE_BACKOFF_MAX = timedelta(hours=1)
+# Providers that refund without a callback: paid payments stay watched for a refund window.
+REFUNDS_UNANNOUNCED = frozenset({"cubepay", "coinbarpay"})
 # Providers whose only evidence is their callback: our clock settles expiry after their retries.
 CALLBACK_ONLY_RETRY_WINDOW = {"cryptoprocessing": timedelta(hours=24)}
 
@@ -76,8 +78,9 @@ class Schedule:
     def _watch(self, payment: Payment, now: datetime) -> datetime | None:
         if payment.provider in CALLBACK_ONLY_RETRY_WINDOW:
             return None  # nothing to ask; late callbacks still arrive on their own
-        if payment.status is PaymentStatus.PAID and payment.provider == "coinbarpay":
-            # CoinbarPay reports a refund only as SUCCESS turning FAILED: keep asking.
+        if payment.status is PaymentStatus.PAID and payment.provider in REFUNDS_UNANNOUNCED:
+            # Neither sends a callback for a refund (CoinbarPay's SUCCESS turns FAILED, CubePay's
+            # status goes 5 then 6): keep asking for a while.
             until = payment.updated_at + self.refund_window
             return min(now + REFUND_WATCH_INTERVAL, until) if now < until else None
         if payment.status in (PaymentStatus.EXPIRED, PaymentStatus.CANCELLED):

@@ -182,8 +182,14 @@ class CryptoProcessing(Provider):
         state = STATES.get(status)
         if state is None:
             return Decision(None, f"unknown {self.name} status {snapshot.provider_status!r}")
+        received, expected = snapshot.paid_amount, snapshot.pay_amount
+        if state is PaymentStatus.EXPIRED and received is not None and received > 0:
+            # `expired` means nothing arrived in time: money on it now arrived after the end.
+            evidence = {"received_amount": str(received), "pay_currency": snapshot.pay_currency}
+            return Decision(
+                state, f"{received} received after expiry", (("late_payment", evidence),)
+            )
         if state is PaymentStatus.CONFIRMING:
-            received, expected = snapshot.paid_amount, snapshot.pay_amount
             if received is not None and expected is not None and 0 < received < expected:
                 return Decision(
                     PaymentStatus.UNDERPAID, f"received {received} of {expected} expected"

@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import flask
+
 from ipn.config import PROVIDERS, Settings
 from ipn.sandbox import wire
 from ipn.sandbox.bitcoinpaygate import BitcoinPaygate
@@ -91,7 +93,7 @@ class Sandbox:
             except Refused as refused:
                 return refused.answer
 
-        mode = self.faults.take(provider)
+        mode = self.faults.take(provider, flask.request.path if flask.has_request_context() else "")
         if mode is None:
             return answer()
         return misbehave(mode, fake, answer, self.fault_delay)
@@ -174,13 +176,16 @@ class Sandbox:
         if not isinstance(body, Mapping):
             raise BadOptions("the body is a JSON object: provider, mode, count")
         provider, mode, count = body.get("provider"), body.get("mode"), body.get("count", 1)
+        path = body.get("path")
+        if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+            raise BadOptions("path is part of an API path, starting with /")
         if provider not in self.fakes:
             raise BadOptions(f"provider is one of {', '.join(self.fakes)}")
         if mode not in MODES:
             raise BadOptions(f"mode is one of {', '.join(MODES)}")
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise BadOptions("count is a whole number from 1")
-        self.faults.add(provider, mode, count)
+        self.faults.add(provider, mode, count, path)
         return self.faults.view()
 
     def clear_faults(self, provider: str | None = None) -> list[dict[str, Any]]:

@@ -25,9 +25,19 @@ class Fault:
     provider: str
     mode: str
     remaining: int
+    # Only calls whose path contains this, e.g. "/payment/coin" for CubePay's create.
+    path: str | None = None
 
     def view(self) -> dict[str, Any]:
-        return {"provider": self.provider, "mode": self.mode, "remaining": self.remaining}
+        return {
+            "provider": self.provider,
+            "mode": self.mode,
+            "remaining": self.remaining,
+            "path": self.path,
+        }
+
+    def applies_to(self, path: str) -> bool:
+        return self.path is None or self.path in path
 
 
 class FaultBoard:
@@ -37,21 +47,21 @@ class FaultBoard:
         self._lock = threading.Lock()
         self._queues: dict[str, deque[Fault]] = {}
 
-    def add(self, provider: str, mode: str, count: int) -> Fault:
-        fault = Fault(provider, mode, count)
+    def add(self, provider: str, mode: str, count: int, path: str | None = None) -> Fault:
+        fault = Fault(provider, mode, count, path)
         with self._lock:
             self._queues.setdefault(provider, deque()).append(fault)
         return fault
 
-    def take(self, provider: str) -> str | None:
+    def take(self, provider: str, path: str = "") -> str | None:
         with self._lock:
             queue = self._queues.get(provider)
-            if not queue:
+            fault = next((f for f in queue or () if f.applies_to(path)), None)
+            if queue is None or fault is None:
                 return None
-            fault = queue[0]
             fault.remaining -= 1
             if fault.remaining <= 0:
-                queue.popleft()
+                queue.remove(fault)
             return fault.mode
 
     def clear(self, provider: str | None = None) -> None:

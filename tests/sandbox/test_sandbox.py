@@ -993,7 +993,7 @@ def test_faults_hit_the_next_calls_of_one_provider_and_then_stop(
 
     client.post("/sandbox/faults", json={"provider": "coinbarpay", "mode": "error500", "count": 5})
     assert client.get("/sandbox/faults").json["faults"] == [
-        {"provider": "coinbarpay", "mode": "error500", "remaining": 5}
+        {"provider": "coinbarpay", "mode": "error500", "remaining": 5, "path": None}
     ]
     assert client.delete("/sandbox/faults").json == {"faults": []}
     assert coinbar_status(client, "order-1001").status_code == 200
