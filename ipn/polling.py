@@ -58,7 +58,7 @@ class Schedule:
         due = self.deadline(payment)
         if payment.provider in CALLBACK_ONLY_RETRY_WINDOW:
             # Nothing to ask: the only check left is the deadline itself.
-            return due
+            return due if due is None or due > now else now + NEAR_DEADLINE_INTERVAL
         age = now - payment.created_at
         interval = next((step for limit, step in EARLY_SCHEDULE if age < limit), LATE_INTERVAL)
         if payment.expires_at is not None and abs(payment.expires_at - now) <= NEAR_DEADLINE:
@@ -66,8 +66,9 @@ class Schedule:
         if source is EventSource.CALLBACK:
             interval = max(interval, AFTER_CALLBACK)
         planned = now + interval
-        if due is not None:
-            planned = min(planned, max(due, now))
+        # The deadline pulls the next check in, never to now: past it, the interval decides.
+        if due is not None and now < due:
+            planned = min(planned, due)
         return planned
 
     def after_failure(self, payment: Payment, now: datetime) -> datetime:

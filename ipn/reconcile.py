@@ -34,7 +34,8 @@ CAS_ATTEMPTS = 5
 @dataclass(frozen=True)
 class Check:
     payment_id: str
-    outcome: str  # "changed" | "unchanged" | "expired" | "skipped" | "failed" | "final"
+    # "changed" | "unchanged" | "expired" | "skipped" | "budget" | "failed" | "final"
+    outcome: str
     message: str
 
 
@@ -47,7 +48,7 @@ class PassReport:
     failures: list[Check] = field(default_factory=list)
 
     def add(self, check: Check) -> None:
-        if check.outcome == "skipped":
+        if check.outcome in ("skipped", "budget"):
             self.skipped += 1
             return
         self.checked += 1
@@ -82,49 +83,74 @@ def reconcile_due(
     time_budget: float | None = None,
     on_check: Callable[[Check], None] | None = None,
 ) -> PassReport:
-    """One pass over the payments due now, in id order. Each batch is claimed with FOR UPDATE
-    SKIP LOCKED and leased before commit: concurrent passes never check a payment twice."""
+    """One pass over the payments due now, the longest overdue first. Each batch is claimed
+    with FOR UPDATE SKIP LOCKED and leased before commit: concurrent passes never check a
+    payment twice. A provider whose call budget runs out is left for the next pass, its
+    payments keeping their place in the queue."""
     now = now or utcnow()
     report = PassReport()
     started = time.monotonic()
-    last_id = ""
+    spent: set[str] = set()
     while time_budget is None or time.monotonic() - started < time_budget:
-        batch = claim_due(services, now, provider=provider, after_id=last_id)
+        batch = claim_due(services, now, provider=provider, exclude=spent)
         if not batch:
             break
-        for payment_id in batch:
-            check = check_payment(services, payment_id, now=now)
+        for claimed in batch:
+            if claimed.provider in spent:
+                _reschedule(services, claimed.payment_id, claimed.due_at)
+                report.skipped += 1
+                continue
+            check = check_payment(services, claimed.payment_id, now=now)
+            if check.outcome == "budget":
+                spent.add(claimed.provider)
+                _reschedule(services, claimed.payment_id, claimed.due_at)
             report.add(check)
             if on_check:
                 on_check(check)
-        last_id = batch[-1]
     if report.checked or report.skipped:
         log.info("reconciliation pass: %s", report)
     return report
 
 
+@dataclass(frozen=True)
+class Claimed:
+    payment_id: str
+    provider: str
+    due_at: datetime
+
+
 def claim_due(
-    services: Services, now: datetime, *, provider: str | None = None, after_id: str = ""
-) -> list[str]:
+    services: Services,
+    now: datetime,
+    *,
+    provider: str | None = None,
+    exclude: set[str] | frozenset[str] = frozenset(),
+) -> list[Claimed]:
     with services.db.transaction() as session:
         query = (
-            select(Payment.id)
-            .where(Payment.next_check_at <= now, Payment.id > after_id)
-            .order_by(Payment.id)
+            select(Payment.id, Payment.provider, Payment.next_check_at)
+            .where(Payment.next_check_at <= now)
+            .order_by(Payment.next_check_at, Payment.id)
             .limit(services.settings.reconcile_batch)
             .with_for_update(skip_locked=True)
         )
         if provider:
             query = query.where(Payment.provider == provider)
-        ids = list(session.scalars(query))
-        if ids:
+        if exclude:
+            query = query.where(Payment.provider.not_in(exclude))
+        rows = [
+            Claimed(payment_id, name, due_at or now)
+            for payment_id, name, due_at in session.execute(query)
+        ]
+        if rows:
+            # Leased: not due again (for this or any other pass) until checked or released.
             session.execute(
                 update(Payment)
-                .where(Payment.id.in_(ids))
+                .where(Payment.id.in_([row.payment_id for row in rows]))
                 .values(next_check_at=now + LEASE)
                 .execution_options(synchronize_session=False)
             )
-        return ids
+        return rows
 
 
 def check_payment(
@@ -149,9 +175,9 @@ def check_payment(
         return _settle_by_clock(services, payment, schedule, now)
     limit = services.settings.poll_limits.get(provider.name)
     if limit and not rate_limit.take(services.db, provider.name, limit[0], limit[1], now):
-        later = now + (timedelta(minutes=1) if limit[1] == "minute" else timedelta(minutes=30))
-        _reschedule(services, payment_id, later)
-        return Check(payment_id, "skipped", f"{provider.name} call budget spent; at {later}")
+        return Check(
+            payment_id, "budget", f"{provider.name} call budget of {limit[0]} a {limit[1]} is spent"
+        )
     try:
         snapshot = provider.fetch_status(PaymentRef(payment.order_id, payment.provider_payment_id))
     except ProviderError as exc:

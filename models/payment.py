@@ -58,7 +58,7 @@ class Payment(Base):
     __table_args__ = (
         UniqueConstraint("provider", "order_id"),
         UniqueConstraint("provider", "provider_payment_id"),
-        Index("ix_payments_open_due", "status", "next_check_at"),
+        Index("ix_payments_next_check_at", "next_check_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("pay_"))

@@ -70,7 +70,7 @@ def upgrade() -> None:
         ),
     )
     with op.batch_alter_table("payments", schema=None) as batch_op:
-        batch_op.create_index("ix_payments_open_due", ["status", "next_check_at"], unique=False)
+        batch_op.create_index("ix_payments_next_check_at", ["next_check_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_payments_order_id"), ["order_id"], unique=False)
 
     op.create_table(
@@ -352,7 +352,7 @@ def downgrade() -> None:
     op.drop_table("notifications")
     with op.batch_alter_table("payments", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_payments_order_id"))
-        batch_op.drop_index("ix_payments_open_due")
+        batch_op.drop_index("ix_payments_next_check_at")
 
     op.drop_table("payments")
     # ### end Alembic commands ###
