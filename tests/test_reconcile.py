@@ -17,6 +17,12 @@ import requests
 import responses
 import time_machine
 from flask import Flask
+
+from ipn.processing import process_notification
+from ipn.reconcile import check_payment, reconcile_due
+from ipn.services import Services
+from models import AnomalyKind, EventSource, PaymentStatus
+
 from helpers import (
     PROVIDER_URL,
     anomalies,
@@ -30,18 +36,11 @@ from helpers import (
     make_payment,
 )
 
-from ipn.processing import process_notification
-from ipn.reconcile import check_payment, reconcile_due
-from ipn.services import Services
-from models import AnomalyKind, EventSource, PaymentStatus
-
 START = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 CUBEPAY_QUERY = f"{PROVIDER_URL}/cubepay/payment/query"
 BPG_ID = "95bf1d853cf2e040f0ce219221f9b17206525941"
 BPG_STATUS = f"{PROVIDER_URL}/bitcoinpaygate/v2/payments/{BPG_ID}"
-COINBAR_STATUS = (
-    f"{PROVIDER_URL}/coinbarpay/coinbar/api/v2/pay/gateway/payment/order-1001/status"
-)
+COINBAR_STATUS = f"{PROVIDER_URL}/coinbarpay/coinbar/api/v2/pay/gateway/payment/order-1001/status"
 
 
 @pytest.fixture
@@ -58,11 +57,20 @@ def clock() -> Iterator[Any]:
 
 def cubepay(services: Services, order_id: str = "M12345678", **fields: Any) -> Any:
     return make_payment(
-        services.db, provider="cubepay", order_id=order_id, amount=Decimal("500"),
-        currency="TWD", pay_amount=Decimal("0.01"), pay_currency="BTC",
+        services.db,
+        provider="cubepay",
+        order_id=order_id,
+        amount=Decimal("500"),
+        currency="TWD",
+        pay_amount=Decimal("0.01"),
+        pay_currency="BTC",
         provider_payment_id=fields.pop("provider_payment_id", "C1536678153791231775"),
-        created_at=START, updated_at=START, expires_at=START + timedelta(hours=6),
-        next_check_at=START + timedelta(minutes=1), **fields)
+        created_at=START,
+        updated_at=START,
+        expires_at=START + timedelta(hours=6),
+        next_check_at=START + timedelta(minutes=1),
+        **fields,
+    )
 
 
 def test_cubepay_unpaid_expires_just_after_six_hours_and_not_before(
@@ -71,8 +79,11 @@ def test_cubepay_unpaid_expires_just_after_six_hours_and_not_before(
     payment = cubepay(services)
     provider_api.post(CUBEPAY_QUERY, body=cubepay_query_answer(0, paid="0"))
     grace = services.settings.expiry_grace
-    for at in (timedelta(minutes=5), timedelta(hours=5, minutes=59),
-               timedelta(hours=6) + grace - timedelta(seconds=1)):
+    for at in (
+        timedelta(minutes=5),
+        timedelta(hours=5, minutes=59),
+        timedelta(hours=6) + grace - timedelta(seconds=1),
+    ):
         clock.move_to(START + at)
         check_payment(services, payment.id, force=True)
         assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING, at
@@ -118,19 +129,29 @@ def test_our_inferred_expiry_is_overturned_by_the_providers_paid(
 def test_bitcoinpaygate_paid_after_expired_opens_an_anomaly_and_stays_expired(
     services: Services, provider_api: responses.RequestsMock, clock: Any
 ) -> None:
-    payment = make_payment(services.db, provider="bitcoinpaygate", order_id="2015-03-10/123/1",
-                           provider_payment_id=BPG_ID, amount=Decimal("10.00"), currency="USD",
-                           created_at=START, updated_at=START,
-                           expires_at=START + timedelta(minutes=15),
-                           next_check_at=START + timedelta(minutes=1))
+    payment = make_payment(
+        services.db,
+        provider="bitcoinpaygate",
+        order_id="2015-03-10/123/1",
+        provider_payment_id=BPG_ID,
+        amount=Decimal("10.00"),
+        currency="USD",
+        created_at=START,
+        updated_at=START,
+        expires_at=START + timedelta(minutes=15),
+        next_check_at=START + timedelta(minutes=1),
+    )
     provider_api.get(BPG_STATUS, body=bpg_snapshot("EXPIRED", current_time="2026-11-21T09:20:00Z"))
     clock.move_to(START + timedelta(minutes=20))
     reconcile_due(services)
     expired = load_payment(services.db, payment.id)
     assert expired.status is PaymentStatus.EXPIRED and not expired.expiry_inferred
     assert expired.next_check_at is not None  # watched for late funds
-    provider_api.replace(responses.GET, BPG_STATUS,
-                         body=bpg_snapshot("CONFIRMED", current_time="2026-11-21T11:00:00Z"))
+    provider_api.replace(
+        responses.GET,
+        BPG_STATUS,
+        body=bpg_snapshot("CONFIRMED", current_time="2026-11-21T11:00:00Z"),
+    )
     clock.move_to(START + timedelta(hours=2))
     reconcile_due(services)
     assert load_payment(services.db, payment.id).status is PaymentStatus.EXPIRED
@@ -140,9 +161,16 @@ def test_bitcoinpaygate_paid_after_expired_opens_an_anomaly_and_stays_expired(
 def test_coinbarpay_success_later_failed_becomes_refunded(
     services: Services, provider_api: responses.RequestsMock, clock: Any
 ) -> None:
-    payment = make_payment(services.db, provider="coinbarpay", order_id="order-1001",
-                           amount=Decimal("8.99"), currency="EUR", created_at=START,
-                           updated_at=START, next_check_at=START + timedelta(minutes=1))
+    payment = make_payment(
+        services.db,
+        provider="coinbarpay",
+        order_id="order-1001",
+        amount=Decimal("8.99"),
+        currency="EUR",
+        created_at=START,
+        updated_at=START,
+        next_check_at=START + timedelta(minutes=1),
+    )
     provider_api.get(COINBAR_STATUS, body=coinbarpay_status("SUCCESS"))
     clock.move_to(START + timedelta(minutes=2))
     reconcile_due(services)
@@ -153,15 +181,17 @@ def test_coinbarpay_success_later_failed_becomes_refunded(
     refunded = load_payment(services.db, payment.id)
     assert refunded.status is PaymentStatus.REFUNDED
     assert [(e.from_status, e.to_status) for e in events(services.db, payment.id)] == [
-        (PaymentStatus.PENDING, PaymentStatus.PAID), (PaymentStatus.PAID,
-                                                      PaymentStatus.REFUNDED)]
+        (PaymentStatus.PENDING, PaymentStatus.PAID),
+        (PaymentStatus.PAID, PaymentStatus.REFUNDED),
+    ]
 
 
 def test_a_lost_callback_still_ends_right_after_one_pass(
     services: Services, provider_api: responses.RequestsMock, clock: Any
 ) -> None:
-    payments = [cubepay(services, order_id=f"lost-{n}", provider_payment_id=f"C{n:019d}")
-                for n in range(3)]
+    payments = [
+        cubepay(services, order_id=f"lost-{n}", provider_payment_id=f"C{n:019d}") for n in range(3)
+    ]
 
     def answer(request: Any) -> tuple[int, dict[str, str], bytes]:
         payment_id = dict(p.split("=", 1) for p in request.body.split("&"))["id"]
@@ -175,14 +205,19 @@ def test_a_lost_callback_still_ends_right_after_one_pass(
     assert all(load_payment(services.db, p.id).status is PaymentStatus.PAID for p in payments)
 
 
-@pytest.mark.parametrize("failure", [
-    {"status": 429, "body": "slow down"},
-    {"status": 500, "body": "oops"},
-    {"body": requests.ReadTimeout("slow")},
-    {"status": 200, "body": '{"status": 200, "data": [{"id": "C15'},
-])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"status": 429, "body": "slow down"},
+        {"status": 500, "body": "oops"},
+        {"body": requests.ReadTimeout("slow")},
+        {"status": 200, "body": '{"status": 200, "data": [{"id": "C15'},
+    ],
+)
 def test_a_failing_provider_changes_nothing_and_is_asked_again_with_backoff(
-    services: Services, provider_api: responses.RequestsMock, clock: Any,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    clock: Any,
     failure: dict[str, Any],
 ) -> None:
     payment = cubepay(services)
@@ -209,8 +244,10 @@ def test_a_failing_provider_changes_nothing_and_is_asked_again_with_backoff(
 def test_concurrent_passes_check_each_due_payment_once(
     services: Services, provider_api: responses.RequestsMock, clock: Any
 ) -> None:
-    ids = [cubepay(services, order_id=f"many-{n}", provider_payment_id=f"C{n:019d}").id
-           for n in range(40)]
+    ids = [
+        cubepay(services, order_id=f"many-{n}", provider_payment_id=f"C{n:019d}").id
+        for n in range(40)
+    ]
     asked: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -218,15 +255,26 @@ def test_concurrent_passes_check_each_due_payment_once(
         payment_id = dict(p.split("=", 1) for p in request.body.split("&"))["id"]
         with lock:
             asked[payment_id] += 1
-        return 200, {}, cubepay_query_answer(0, paid="0", payment_id=payment_id,
-                                             order_id=f"many-{int(payment_id[1:])}")
+        return (
+            200,
+            {},
+            cubepay_query_answer(
+                0, paid="0", payment_id=payment_id, order_id=f"many-{int(payment_id[1:])}"
+            ),
+        )
 
     provider_api.add_callback(responses.POST, CUBEPAY_QUERY, callback=answer)
     clock.move_to(START + timedelta(minutes=2))
     small = services.settings.with_changes(reconcile_batch=5)
     reports = []
-    passes = [threading.Thread(target=lambda: reports.append(reconcile_due(
-        Services(small, services.db, services.providers)))) for _ in range(3)]
+    passes = [
+        threading.Thread(
+            target=lambda: reports.append(
+                reconcile_due(Services(small, services.db, services.providers))
+            )
+        )
+        for _ in range(3)
+    ]
     for thread in passes:
         thread.start()
     for thread in passes:
@@ -239,11 +287,16 @@ def test_concurrent_passes_check_each_due_payment_once(
 def test_call_budget_is_shared_and_the_rest_waits(
     services: Services, provider_api: responses.RequestsMock, clock: Any
 ) -> None:
-    ids = [cubepay(services, order_id=f"budget-{n}", provider_payment_id=f"C{n:019d}").id
-           for n in range(5)]
+    ids = [
+        cubepay(services, order_id=f"budget-{n}", provider_payment_id=f"C{n:019d}").id
+        for n in range(5)
+    ]
     provider_api.post(CUBEPAY_QUERY, body=cubepay_query_answer(0, paid="0"))
-    limited = Services(services.settings.with_changes(poll_limits={"cubepay": (3, "minute")}),
-                       services.db, services.providers)
+    limited = Services(
+        services.settings.with_changes(poll_limits={"cubepay": (3, "minute")}),
+        services.db,
+        services.providers,
+    )
     clock.move_to(START + timedelta(minutes=2))
     report = reconcile_due(limited)
     assert (report.checked, report.skipped) == (3, 2)
@@ -257,10 +310,17 @@ def test_call_budget_is_shared_and_the_rest_waits(
 def test_callback_only_provider_expires_by_our_clock_and_a_late_paid_overturns_it(
     app: Flask, services: Services, clock: Any
 ) -> None:
-    payment = make_payment(services.db, provider="cryptoprocessing", order_id="order_12345",
-                           amount=Decimal("0.3"), currency="ETH", created_at=START,
-                           updated_at=START, expires_at=START + timedelta(hours=1),
-                           next_check_at=START + timedelta(hours=25, minutes=10))
+    payment = make_payment(
+        services.db,
+        provider="cryptoprocessing",
+        order_id="order_12345",
+        amount=Decimal("0.3"),
+        currency="ETH",
+        created_at=START,
+        updated_at=START,
+        expires_at=START + timedelta(hours=1),
+        next_check_at=START + timedelta(hours=25, minutes=10),
+    )
     clock.move_to(START + timedelta(hours=25))
     assert reconcile_due(services).checked == 0  # not due: life_time + 24 h + grace
     clock.move_to(START + timedelta(hours=25, minutes=11))
@@ -275,8 +335,9 @@ def test_callback_only_provider_expires_by_our_clock_and_a_late_paid_overturns_i
     assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
 
 
-def test_reconcile_command(app: Flask, services: Services,
-                           provider_api: responses.RequestsMock, clock: Any) -> None:
+def test_reconcile_command(
+    app: Flask, services: Services, provider_api: responses.RequestsMock, clock: Any
+) -> None:
     payment = cubepay(services)
     other = cubepay(services, order_id="broken", provider_payment_id="C0000000000000000009")
 
@@ -297,5 +358,7 @@ def test_reconcile_command(app: Flask, services: Services,
     assert single.exit_code == 0 and "failed" in single.output
     assert runner.invoke(args=["reconcile", "--provider", "nope"]).exit_code != 0
     assert runner.invoke(args=["reconcile", "--payment", "nope"]).exit_code != 0
-    assert json.loads(runner.invoke(args=["payments", "show", payment.id, "--json"]).output)[
-        "status"] == "paid"
+    assert (
+        json.loads(runner.invoke(args=["payments", "show", payment.id, "--json"]).output)["status"]
+        == "paid"
+    )

@@ -5,9 +5,10 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from conftest import Backend
 from ipn import migrate
 from models import Base
+
+from conftest import Backend
 
 
 def test_migrations_match_the_models(backend: Backend) -> None:
