@@ -17,6 +17,7 @@ from ipn.db import Database
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 10
+SANDBOX_API_TOKEN = "sandbox"  # noqa: S105 - public by design, sandbox only
 
 
 def commands(settings: Settings, port: int, sandbox_port: int | None) -> dict[str, list[str]]:
@@ -68,6 +69,8 @@ def run_all(settings: Settings, *, port: int | None = None, sandbox: bool = Fals
 
         sandbox_port = port + 1
         env.setdefault("IPN_PUBLIC_URL", f"http://127.0.0.1:{port}")
+        # A sandbox needs no secret API: open it with a token everybody can read below.
+        env.setdefault("IPN_API_TOKEN", SANDBOX_API_TOKEN)
         for name, value in sandbox_environment(f"http://127.0.0.1:{sandbox_port}").items():
             env.setdefault(name, value)
         # The children must see the same settings as the checks below.

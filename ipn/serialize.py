@@ -11,19 +11,30 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ipn.currencies import decimals
 from models import Anomaly, Notification, NotificationReplay, Payment, PaymentEvent
 
 # Headers whose values are secrets: shown masked, kept whole on the row for replays.
 SECRET_HEADER = re.compile(r"authorization|cookie|secret|token|processing-key|api-key", re.I)
 
 
-def money(value: Decimal | None) -> str | None:
-    """Exact, without the trailing zeros a NUMERIC(48, 24) column adds."""
+# Amounts in currencies with at most this many decimals show all of them (10.00 USD).
+SHOWN_DECIMALS_MAX = 8
+
+
+def money(value: Decimal | None, currency: str | None = None) -> str | None:
+    """Exact, without the trailing zeros a NUMERIC(48, 24) column adds, but with at least the
+    currency's own decimals where it has few: the same text on PostgreSQL and SQLite."""
     if value is None:
         return None
     text = format(value, "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
+    places = decimals(currency) if currency else None
+    if places and places <= SHOWN_DECIMALS_MAX:
+        shown = len(text.split(".")[1]) if "." in text else 0
+        if shown < places:
+            text = format(value.quantize(Decimal(1).scaleb(-places)), "f")
     return text
 
 
@@ -61,11 +72,11 @@ def payment(p: Payment) -> dict[str, Any]:
         "provider_payment_id": p.provider_payment_id,
         "status": p.status.value,
         "provider_status": p.provider_status,
-        "amount": money(p.amount),
+        "amount": money(p.amount, p.currency),
         "currency": p.currency,
-        "pay_amount": money(p.pay_amount),
+        "pay_amount": money(p.pay_amount, p.pay_currency),
         "pay_currency": p.pay_currency,
-        "paid_amount": money(p.paid_amount),
+        "paid_amount": money(p.paid_amount, p.pay_currency),
         "pay_address": p.pay_address,
         "pay_url": p.pay_url,
         "payment_uri": p.payment_uri,

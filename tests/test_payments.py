@@ -84,7 +84,7 @@ def test_cubepay_create_sends_the_signed_form_and_records_the_payment(
     assert fields["client_id"] == "exampleclientid"
     payment = response.get_json()
     assert payment["status"] == "pending" and payment["provider_payment_id"].startswith("C")
-    assert (payment["pay_amount"], payment["pay_currency"]) == ("0.00042", "BTC")
+    assert (payment["pay_amount"], payment["pay_currency"]) == ("0.00042000", "BTC")
     assert payment["pay_address"] == "bc1qcubeaddress"
     recorded = load_payment(services.db, payment["id"])
     # The per-payment token went out as `other` and is kept to check the IPN against.
@@ -330,7 +330,7 @@ def test_retry_after_a_timeout_finds_the_payment_instead_of_creating_twice(
     assert len(creates) == 1
     payment = response.get_json()
     assert payment["provider_payment_id"] == "C1536678153791231775"
-    assert payment["amount"] == "10.5" and payment["currency"] == "USD"
+    assert payment["amount"] == "10.50" and payment["currency"] == "USD"
 
 
 def test_cli_create_and_bad_arguments(
