@@ -165,15 +165,8 @@ def apply_snapshot(
             f"stale snapshot ignored: {status_text} as of {snapshot.as_of.isoformat()}, "
             f"newer one applied as of {payment.snapshot_at.isoformat()}"
         )
-        event = _record(
-            session,
-            payment,
-            evidence,
-            current,
-            current,
-            snapshot.provider_status,
-            f"{evidence.description}: {detail}",
-            now,
+        event = _note(
+            session, payment, evidence, snapshot, f"{evidence.description}: {detail}", now
         )
         return Applied(payment, False, detail, event)
 
@@ -226,13 +219,11 @@ def apply_snapshot(
         payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
         if snapshot.provider_status == payment.provider_status and not anomaly_ids:
             if evidence.source is EventSource.REPLAY:
-                event = _record(
+                event = _note(
                     session,
                     payment,
                     evidence,
-                    current,
-                    current,
-                    snapshot.provider_status,
+                    snapshot,
                     f"{evidence.description}: {status_text}, no change",
                     now,
                 )
@@ -241,13 +232,11 @@ def apply_snapshot(
         payment.provider_status = snapshot.provider_status
         _fill_details(payment, snapshot)
         payment.updated_at = now
-        event = _record(
+        event = _note(
             session,
             payment,
             evidence,
-            current,
-            current,
-            snapshot.provider_status,
+            snapshot,
             f"{evidence.description}: {status_text}{note}",
             now,
         )
@@ -267,15 +256,8 @@ def apply_snapshot(
                 "late payment, no change, flagged for review",
             )
         detail = f"{status_text} ({target.value}) would move {current.value} backwards: ignored"
-        event = _record(
-            session,
-            payment,
-            evidence,
-            current,
-            current,
-            snapshot.provider_status,
-            f"{evidence.description}: {detail}",
-            now,
+        event = _note(
+            session, payment, evidence, snapshot, f"{evidence.description}: {detail}", now
         )
         return Applied(payment, False, detail, event, anomaly_ids)
 
@@ -330,17 +312,29 @@ def _refuse(
     )
     if anomaly_id is None and evidence.source is not EventSource.REPLAY:
         return Applied(payment, False, f"duplicate: {detail}")
-    event = _record(
+    event = _note(session, payment, evidence, snapshot, f"{evidence.description}: {detail}", now)
+    return Applied(payment, False, detail, event, [anomaly_id] if anomaly_id else [])
+
+
+def _note(
+    session: Session,
+    payment: Payment,
+    evidence: Evidence,
+    snapshot: Snapshot,
+    detail: str,
+    now: datetime,
+) -> PaymentEvent:
+    """A timeline event that moved nothing: to_status equals from_status."""
+    return _record(
         session,
         payment,
         evidence,
         payment.status,
         payment.status,
         snapshot.provider_status,
-        f"{evidence.description}: {detail}",
+        detail,
         now,
     )
-    return Applied(payment, False, detail, event, [anomaly_id] if anomaly_id else [])
 
 
 def _record(

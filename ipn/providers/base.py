@@ -138,6 +138,8 @@ class Provider(ABC):
     has_status_api: ClassVar[bool]
     # The callback kinds the provider sends, each with its own endpoint.
     kinds: ClassVar[tuple[str, ...]]
+    # The settings class this adapter reads; another is a wiring mistake, refused at once.
+    settings_type: ClassVar[type]
 
     def __init__(
         self,
@@ -145,6 +147,11 @@ class Provider(ABC):
         http: HTTPSettings | None = None,
         session: requests.Session | None = None,
     ) -> None:
+        if not isinstance(settings, self.settings_type):
+            raise TypeError(
+                f"{type(self).__name__} needs {self.settings_type.__name__}, "
+                f"not {type(settings).__name__}"
+            )
         self.settings = settings
         self.http = http or HTTPSettings()
         self.session = session or requests.Session()

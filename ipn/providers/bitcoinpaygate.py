@@ -9,9 +9,7 @@ from dataclasses import replace
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import requests
-
-from ipn.config import BitcoinPaygateSettings, HTTPSettings
+from ipn.config import BitcoinPaygateSettings
 from ipn.errors import (
     ForgedCallback,
     InvalidPaymentRequest,
@@ -76,18 +74,7 @@ class BitcoinPaygate(Provider):
     has_status_api: ClassVar[bool] = True
 
     settings: BitcoinPaygateSettings
-
-    def __init__(
-        self,
-        settings: BitcoinPaygateSettings,
-        http: HTTPSettings | None = None,
-        session: requests.Session | None = None,
-    ) -> None:
-        if not isinstance(settings, BitcoinPaygateSettings):
-            raise TypeError(
-                f"BitcoinPaygate needs BitcoinPaygateSettings, not {type(settings).__name__}"
-            )
-        super().__init__(settings, http, session)
+    settings_type = BitcoinPaygateSettings
 
     # Callbacks ---------------------------------------------------------------------------------
 

@@ -13,11 +13,10 @@ from decimal import Decimal
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import requests
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ipn.config import CoinbarPaySettings, HTTPSettings, ProviderSettings
+from ipn.config import CoinbarPaySettings
 from ipn.errors import (
     ConfigurationError,
     ForgedCallback,
@@ -166,16 +165,7 @@ class CoinbarPay(Provider):
     kinds: ClassVar[tuple[str, ...]] = ("callback",)
 
     settings: CoinbarPaySettings
-
-    def __init__(
-        self,
-        settings: ProviderSettings,
-        http: HTTPSettings | None = None,
-        session: requests.Session | None = None,
-    ) -> None:
-        if not isinstance(settings, CoinbarPaySettings):
-            raise TypeError(f"CoinbarPay needs CoinbarPaySettings, not {type(settings).__name__}")
-        super().__init__(settings, http, session)
+    settings_type = CoinbarPaySettings
 
     # -- callbacks -------------------------------------------------------------------------
 

@@ -10,9 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 
-import requests
-
-from ipn.config import CryptoProcessingSettings, HTTPSettings, ProviderSettings
+from ipn.config import CryptoProcessingSettings
 from ipn.errors import (
     ConfigurationError,
     ForgedCallback,
@@ -67,18 +65,7 @@ class CryptoProcessing(Provider):
     kinds: ClassVar[tuple[str, ...]] = ("callback",)
 
     settings: CryptoProcessingSettings
-
-    def __init__(
-        self,
-        settings: ProviderSettings,
-        http: HTTPSettings | None = None,
-        session: requests.Session | None = None,
-    ) -> None:
-        if not isinstance(settings, CryptoProcessingSettings):
-            raise TypeError(
-                f"CryptoProcessing needs CryptoProcessingSettings, not {type(settings).__name__}"
-            )
-        super().__init__(settings, http, session)
+    settings_type = CryptoProcessingSettings
 
     def read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
         if kind not in self.kinds:

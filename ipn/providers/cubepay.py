@@ -11,9 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
-import requests
-
-from ipn.config import CubePaySettings, HTTPSettings
+from ipn.config import CubePaySettings
 from ipn.errors import (
     ForgedCallback,
     InvalidPaymentRequest,
@@ -61,16 +59,7 @@ class CubePay(Provider):
     has_status_api: ClassVar[bool] = True
 
     settings: CubePaySettings
-
-    def __init__(
-        self,
-        settings: CubePaySettings,
-        http: HTTPSettings | None = None,
-        session: requests.Session | None = None,
-    ) -> None:
-        if not isinstance(settings, CubePaySettings):
-            raise TypeError(f"CubePay needs CubePaySettings, not {type(settings).__name__}")
-        super().__init__(settings, http, session)
+    settings_type = CubePaySettings
 
     # Callbacks ---------------------------------------------------------------------------------
 
