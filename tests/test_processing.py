@@ -4,6 +4,7 @@ duplicates, stale snapshots and late funds never move a payment backwards."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -662,3 +663,42 @@ def test_allowlist_rejects_other_senders(settings: Any) -> None:
     process_notification(services, app.extensions["ipn.dispatcher"].submitted[-1])
     assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
     services.db.engine.dispose()
+
+
+def test_two_workers_on_one_row_settle_it_once(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    """Both claim the row before either settles it (a redelivered message racing the first):
+    one applies and settles, the other finds the row settled and rolls its own work back."""
+    payment = cubepay_payment(services)
+    both_asked = threading.Barrier(2, timeout=10)
+
+    def answer(_request: Any) -> tuple[int, dict[str, str], bytes]:
+        both_asked.wait()
+        return 200, {}, cubepay_query_answer(2)
+
+    provider_api.add_callback(responses.POST, CUBEPAY_QUERY_URL, callback=answer)
+    client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM)
+    [notification_id] = app.extensions["ipn.dispatcher"].submitted
+    outcomes: list[Any] = []
+    workers = [
+        threading.Thread(
+            target=lambda: outcomes.append(process_notification(services, notification_id))
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(o.message for o in outcomes) == [
+        "pending -> paid",
+        "settled meanwhile by another worker",
+    ]
+    row = notification(services.db, notification_id)
+    assert (row.status, row.outcome, row.attempts) == (
+        NotificationStatus.PROCESSED,
+        "pending -> paid",
+        2,
+    )
+    assert len(events(services.db, payment.id)) == 1
