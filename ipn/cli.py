@@ -424,16 +424,23 @@ def reconcile(provider: str | None, payment_ref: str | None) -> None:
         return
     now = serialize.parse_time("0s")
     due = passes.count_due(services(), now, provider)
-    report: passes.PassReport
+
+    def report_failure(check: passes.Check) -> None:
+        if check.outcome == "failed":
+            click.echo(f"{check.payment_id}: provider error: {check.message}")
+
     if sys.stdout.isatty() and due:
         with click.progressbar(length=due, label="reconciling", file=sys.stderr) as bar:
-            report = passes.reconcile_due(
-                services(), now=now, provider=provider, on_check=lambda _check: bar.update(1)
-            )
+
+            def step(check: passes.Check) -> None:
+                bar.update(1)
+                report_failure(check)
+
+            report = passes.reconcile_due(services(), now=now, provider=provider, on_check=step)
     else:
-        report = passes.reconcile_due(services(), now=now, provider=provider)
-    for failure in report.failures:
-        click.echo(f"{failure.payment_id}: provider error: {failure.message}")
+        report = passes.reconcile_due(
+            services(), now=now, provider=provider, on_check=report_failure
+        )
     click.echo(f"reconciliation: {report}")
 
 

@@ -39,12 +39,18 @@ class Check:
     message: str
 
 
+# A pass keeps the first failures for its log; all are counted (an outage over a large backlog
+# must not grow memory with every payment).
+FAILURES_KEPT = 100
+
+
 @dataclass
 class PassReport:
     checked: int = 0
     changed: int = 0
     expired: int = 0
     skipped: int = 0
+    failed: int = 0
     failures: list[Check] = field(default_factory=list)
 
     def add(self, check: Check) -> None:
@@ -58,7 +64,9 @@ class PassReport:
             self.changed += 1
             self.expired += 1
         elif check.outcome == "failed":
-            self.failures.append(check)
+            self.failed += 1
+            if len(self.failures) < FAILURES_KEPT:
+                self.failures.append(check)
 
     def __str__(self) -> str:
         return (

@@ -58,7 +58,8 @@ class Payment(Base):
     __table_args__ = (
         UniqueConstraint("provider", "order_id"),
         UniqueConstraint("provider", "provider_payment_id"),
-        Index("ix_payments_next_check_at", "next_check_at"),
+        # A pass claims in this order: the longest overdue first.
+        Index("ix_payments_next_check_at", "next_check_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("pay_"))

@@ -70,7 +70,7 @@ def upgrade() -> None:
         ),
     )
     with op.batch_alter_table("payments", schema=None) as batch_op:
-        batch_op.create_index("ix_payments_next_check_at", ["next_check_at"], unique=False)
+        batch_op.create_index("ix_payments_next_check_at", ["next_check_at", "id"], unique=False)
         batch_op.create_index(batch_op.f("ix_payments_order_id"), ["order_id"], unique=False)
 
     op.create_table(
