@@ -11,7 +11,7 @@ import responses
 from flask import Flask
 from flask.testing import FlaskClient
 
-from ipn.processing import process_notification
+from ipn.processing import run
 from ipn.services import Services
 
 from conftest import FAST_ENV, PROVIDER_ENV
@@ -60,7 +60,7 @@ def test_no_secret_is_logged(
         headers={"Content-Type": "application/json", "X-BPG-Signature": "00" * 20},
     )
     for notification_id in app.extensions["ipn.dispatcher"].submitted:
-        process_notification(services, notification_id)
+        run(services, notification_id, 0)
     provider_api.post(
         f"{PROVIDER_URL}/cryptoprocessing/api/payments/v1/requests",
         status=500,
