@@ -160,14 +160,20 @@ class Provider(ABC):
     def configured(self) -> bool:
         return bool(self.settings.configured)
 
-    @abstractmethod
     def read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
         """Parse and authenticate a stored callback.
 
-        Raises MalformedCallback when the body is not what the provider sends, ForgedCallback
-        when a signature, token, client id or key is present and wrong (or missing where one is
-        required).
+        Raises MalformedCallback when the body is not what the provider sends (or comes to an
+        endpoint of a kind the provider does not send), ForgedCallback when a signature, token,
+        client id or key is present and wrong (or missing where one is required).
         """
+        if kind not in self.kinds:
+            raise MalformedCallback(f"{self.name} sends no {kind!r} callbacks")
+        return self._read_callback(kind, body, headers)
+
+    @abstractmethod
+    def _read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
+        """The provider's own reading of a callback of one of its kinds."""
 
     def token_matches(self, callback: Callback, expected: str | None) -> bool:
         """Whether the per-payment token the callback echoes is the one we stored, if any."""

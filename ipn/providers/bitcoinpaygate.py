@@ -78,9 +78,7 @@ class BitcoinPaygate(Provider):
 
     # Callbacks ---------------------------------------------------------------------------------
 
-    def read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
-        if kind not in self.kinds:
-            raise MalformedCallback(f"bitcoinpaygate sends no {kind!r} callbacks")
+    def _read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
         # The signature covers the raw bytes, so it is checked before anything is parsed.
         authenticity = self._check_signature(body, headers)
         fields = loads_json_object(body)

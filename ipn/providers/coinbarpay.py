@@ -169,9 +169,7 @@ class CoinbarPay(Provider):
 
     # -- callbacks -------------------------------------------------------------------------
 
-    def read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
-        if kind not in self.kinds:
-            raise MalformedCallback(f"{self.name} sends no {kind!r} callbacks")
+    def _read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
         client_id, secret = self.settings.service_client_id, self.settings.secret_key
         if not client_id or not secret:
             # Not the sender's fault: the row stays rejected and can be replayed once configured.

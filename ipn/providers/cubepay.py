@@ -63,9 +63,7 @@ class CubePay(Provider):
 
     # Callbacks ---------------------------------------------------------------------------------
 
-    def read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
-        if kind not in self.kinds:
-            raise MalformedCallback(f"cubepay sends no {kind!r} callbacks")
+    def _read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
         fields, values = _read_ipn(body, header(headers, "Content-Type"))
         ref = _ipn_ref(values)
         self._check_client_id(fields)
