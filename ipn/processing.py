@@ -279,11 +279,8 @@ def _record_anomaly_report(
 
 
 def _outside_allowlist(services: Services, claim: Claim) -> str | None:
-    allowed = (
-        services.settings.provider(claim.provider).allowed_ips
-        if claim.provider in (services.providers)
-        else ()
-    )
+    """Why the sender may not send this provider's callbacks, if an allowlist is set."""
+    allowed = services.settings.provider(claim.provider).allowed_ips
     if not allowed:
         return None
     try:
