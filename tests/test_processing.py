@@ -68,6 +68,18 @@ def deliver(
     return notification(services.db, notification_id)
 
 
+def assert_rejected_without_effect(
+    services: Services, row: Any, payment: Any, provider_api: responses.RequestsMock | None
+) -> None:
+    """Kept and rejected with its reason; the payment untouched; the provider never asked."""
+    assert row.status is NotificationStatus.REJECTED
+    assert row.last_error
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert events(services.db, payment.id) == []
+    if provider_api is not None:
+        assert len(provider_api.calls) == 0
+
+
 # --- CubePay ------------------------------------------------------------------------------
 
 
@@ -130,12 +142,9 @@ def test_cubepay_forged_ipn_is_kept_rejected_and_changes_nothing(
 ) -> None:
     payment = cubepay_payment(services)
     row = deliver(client, app, services, "/ipn/cubepay", body, FORM)
-    assert row.status is NotificationStatus.REJECTED
+    assert_rejected_without_effect(services, row, payment, provider_api)
     assert row.body == body
     assert "forged" in (row.last_error or "")
-    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
-    assert events(services.db, payment.id) == []
-    assert len(provider_api.calls) == 0  # no status query for a forgery
 
 
 def test_cubepay_wrong_per_payment_token_with_valid_sign_is_rejected(
@@ -144,10 +153,8 @@ def test_cubepay_wrong_per_payment_token_with_valid_sign_is_rejected(
     """The IPN is signed correctly, but echoes a token that is not this payment's."""
     payment = cubepay_payment(services, callback_token="tok_other")
     row = deliver(client, app, services, "/ipn/cubepay", CUBEPAY_IPN, FORM)
-    assert row.status is NotificationStatus.REJECTED
+    assert_rejected_without_effect(services, row, payment, provider_api)
     assert "token" in (row.last_error or "")
-    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
-    assert len(provider_api.calls) == 0
 
 
 def test_cubepay_unknown_status_changes_nothing_and_opens_one_anomaly(
@@ -268,9 +275,7 @@ def test_bitcoinpaygate_forged_notification_is_rejected(
     if forge == "missing":
         del headers["X-BPG-Signature"]
     row = deliver(client, app, services, "/ipn/bitcoinpaygate/notification", body, headers)
-    assert row.status is NotificationStatus.REJECTED
-    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
-    assert len(provider_api.calls) == 0
+    assert_rejected_without_effect(services, row, payment, provider_api)
 
 
 def test_bitcoinpaygate_stale_snapshot_never_moves_backwards(
@@ -433,9 +438,7 @@ def test_coinbarpay_forged_callback_is_rejected(
         )
         headers = JSON
     row = deliver(client, app, services, "/ipn/coinbarpay", body, headers)
-    assert row.status is NotificationStatus.REJECTED
-    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
-    assert len(provider_api.calls) == 0
+    assert_rejected_without_effect(services, row, payment, provider_api)
 
 
 def test_coinbarpay_unknown_status_opens_an_anomaly(
@@ -506,9 +509,7 @@ def test_cryptoprocessing_forged_callback_is_rejected(
     if forge == "missing":
         del headers["X-Processing-Signature"]
     row = deliver(client, app, services, "/ipn/cryptoprocessing", body, headers)
-    assert row.status is NotificationStatus.REJECTED
-    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
-    assert events(services.db, payment.id) == []
+    assert_rejected_without_effect(services, row, payment, None)
 
 
 def test_cryptoprocessing_unknown_status_and_other_types(
