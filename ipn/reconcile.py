@@ -83,7 +83,12 @@ class PassReport:
 
 
 def count_due(services: Services, now: datetime, provider: str | None = None) -> int:
-    query = select(func.count()).select_from(Payment).where(Payment.next_check_at <= now)
+    query = (
+        select(func.count())
+        .select_from(Payment)
+        .where(Payment.next_check_at <= now)
+        .where(or_(Payment.leased_until.is_(None), Payment.leased_until <= now))
+    )
     if provider:
         query = query.where(Payment.provider == provider)
     with services.db.sessions() as session:
@@ -141,7 +146,6 @@ def reconcile_due(
 class Claimed:
     payment_id: str
     provider: str
-    due_at: datetime
     # The claim's owner token: only a check holding it may apply an answer.
     lease: str
 
@@ -163,7 +167,7 @@ def claim_due(
     clock = utcnow()
     with services.db.transaction() as session:
         query = (
-            select(Payment.id, Payment.provider, Payment.next_check_at)
+            select(Payment.id, Payment.provider)
             .where(Payment.next_check_at <= now)
             .where(or_(Payment.leased_until.is_(None), Payment.leased_until <= clock))
             .order_by(Payment.next_check_at, Payment.id)
@@ -174,10 +178,7 @@ def claim_due(
             query = query.where(Payment.provider == provider)
         if exclude:
             query = query.where(Payment.provider.not_in(exclude))
-        rows = [
-            Claimed(payment_id, name, due_at or now, token)
-            for payment_id, name, due_at in session.execute(query)
-        ]
+        rows = [Claimed(payment_id, name, token) for payment_id, name in session.execute(query)]
         if rows:
             session.execute(
                 update(Payment)
