@@ -26,6 +26,7 @@ from models import (
     NotificationStatus,
     Payment,
     ReplayMode,
+    utcnow,
 )
 
 PAGE = 500
@@ -413,35 +414,41 @@ def sweep() -> None:
 @click.option("--payment", "payment_ref", help="Ask about this payment now (id or order id).")
 def reconcile(provider: str | None, payment_ref: str | None) -> None:
     """One reconciliation pass now: ask providers about due payments and settle expiries.
-    Provider errors are reported a line each; the pass goes on."""
+    Prints a line for each payment that changed or failed, then the totals; a failure on one
+    payment does not stop the pass, and the exit status says only whether the pass could run."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from ipn import reconcile as passes
 
-    if payment_ref:
-        with services().db.sessions() as session:
-            payment = _payment_by_reference(session, payment_ref)
-        check = passes.check_payment(services(), payment.id, force=True)
-        click.echo(f"{payment.id}: {check.outcome}: {check.message}")
-        return
-    now = serialize.parse_time("0s")
-    due = passes.count_due(services(), now, provider)
+    try:
+        if payment_ref:
+            with services().db.sessions() as session:
+                payment = _payment_by_reference(session, payment_ref)
+            check = passes.check_payment(services(), payment.id, force=True)
+            click.echo(f"{payment.id}: {check.outcome}: {check.message}")
+            return
+        now = utcnow()
+        due = passes.count_due(services(), now, provider)
 
-    def report_failure(check: passes.Check) -> None:
-        if check.outcome == "failed":
-            click.echo(f"{check.payment_id}: provider error: {check.message}")
+        def report(check: passes.Check) -> None:
+            if check.outcome in ("changed", "expired", "failed"):
+                click.echo(f"{check.payment_id}: {check.outcome}: {check.message}")
 
-    if sys.stdout.isatty() and due:
-        with click.progressbar(length=due, label="reconciling", file=sys.stderr) as bar:
+        if sys.stdout.isatty() and due:
+            with click.progressbar(length=due, label="reconciling", file=sys.stderr) as bar:
 
-            def step(check: passes.Check) -> None:
-                bar.update(1)
-                report_failure(check)
+                def step(check: passes.Check) -> None:
+                    bar.update(1)
+                    report(check)
 
-            report = passes.reconcile_due(services(), now=now, provider=provider, on_check=step)
-    else:
-        report = passes.reconcile_due(
-            services(), now=now, provider=provider, on_check=report_failure
-        )
-    click.echo(f"reconciliation: {report}")
+                totals = passes.reconcile_due(services(), now=now, provider=provider, on_check=step)
+        else:
+            totals = passes.reconcile_due(services(), now=now, provider=provider, on_check=report)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"the reconciliation pass could not run: {passes.describe_error(exc)}"
+        ) from None
+    click.echo(f"reconciliation: {totals}")
 
 
 @click.command("sandbox")

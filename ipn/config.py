@@ -103,6 +103,9 @@ class HTTPSettings:
     read_timeout: float = 10.0
     attempts: int = 3
     backoff_max: float = 2.0
+    # The whole call, every attempt and wait included: connect and read timeouts bound each
+    # socket operation only, and a provider that trickles its answer would never trip them.
+    total_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class Settings:
                 read_timeout=reader.number("IPN_HTTP_READ_TIMEOUT", 10.0),
                 attempts=reader.integer("IPN_HTTP_ATTEMPTS", 3, minimum=1, maximum=10),
                 backoff_max=reader.number("IPN_HTTP_BACKOFF_MAX", 2.0),
+                total_timeout=reader.number("IPN_HTTP_TOTAL_TIMEOUT", 30.0),
             ),
             cubepay=CubePaySettings(
                 client_id=reader.text("CUBEPAY_CLIENT_ID"),

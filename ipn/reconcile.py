@@ -5,12 +5,14 @@ running at once."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -25,16 +27,19 @@ from models import AnomalyKind, EventSource, Payment, PaymentEvent, PaymentStatu
 
 log = logging.getLogger(__name__)
 
-# A claimed payment is not due again for this long, so a second pass running at the same time
-# skips it; the check itself reschedules it properly.
+# A claimed payment is leased for this long (longer where a provider call may take longer): no
+# other pass claims it meanwhile, and the holder asks about it only while enough of the lease is
+# left for a whole provider call, so an answer never arrives after someone else has asked.
 LEASE = timedelta(minutes=5)
 CAS_ATTEMPTS = 5
+ERROR_LIMIT = 500
 
 
 @dataclass(frozen=True)
 class Check:
     payment_id: str
     # "changed" | "unchanged" | "expired" | "skipped" | "budget" | "failed" | "final"
+    # | "busy" (another check holds the payment) | "deferred" (left for the next claim)
     outcome: str
     message: str
 
@@ -54,7 +59,9 @@ class PassReport:
     failures: list[Check] = field(default_factory=list)
 
     def add(self, check: Check) -> None:
-        if check.outcome in ("skipped", "budget"):
+        if check.outcome == "deferred":
+            return
+        if check.outcome in ("skipped", "budget", "busy"):
             self.skipped += 1
             return
         self.checked += 1
@@ -71,12 +78,17 @@ class PassReport:
     def __str__(self) -> str:
         return (
             f"checked {self.checked}, changed {self.changed} (expired {self.expired}), "
-            f"skipped {self.skipped}, provider errors {len(self.failures)}"
+            f"skipped {self.skipped}, provider errors {self.failed}"
         )
 
 
 def count_due(services: Services, now: datetime, provider: str | None = None) -> int:
-    query = select(func.count()).select_from(Payment).where(Payment.next_check_at <= now)
+    query = (
+        select(func.count())
+        .select_from(Payment)
+        .where(Payment.next_check_at <= now)
+        .where(or_(Payment.leased_until.is_(None), Payment.leased_until <= now))
+    )
     if provider:
         query = query.where(Payment.provider == provider)
     with services.db.sessions() as session:
@@ -91,30 +103,40 @@ def reconcile_due(
     time_budget: float | None = None,
     on_check: Callable[[Check], None] | None = None,
 ) -> PassReport:
-    """One pass over the payments due now, the longest overdue first. Each batch is claimed
-    with FOR UPDATE SKIP LOCKED and leased before commit: concurrent passes never check a
-    payment twice. A provider whose call budget runs out is left for the next pass, its
-    payments keeping their place in the queue."""
-    now = now or utcnow()
+    """One pass over the payments due by `now` (default: the pass's start), the longest overdue
+    first. Each batch is claimed with FOR UPDATE SKIP LOCKED under a lease of its own token:
+    concurrent passes never check a payment twice. Each check runs at its own time and
+    schedules the next one after it, past the pass's cut, so a pass asks about a payment once.
+    The time budget is looked at before every payment; what a pass does not reach, and the
+    payments of a provider whose call budget runs out, keep their place in the queue."""
+    due_by = now or utcnow()
     report = PassReport()
     started = time.monotonic()
     spent: set[str] = set()
-    while time_budget is None or time.monotonic() - started < time_budget:
-        batch = claim_due(services, now, provider=provider, exclude=spent)
+
+    def out_of_time() -> bool:
+        return time_budget is not None and time.monotonic() - started >= time_budget
+
+    while not out_of_time():
+        batch = claim_due(services, due_by, provider=provider, exclude=spent)
         if not batch:
             break
-        for claimed in batch:
-            if claimed.provider in spent:
-                _reschedule(services, claimed.payment_id, claimed.due_at)
-                report.skipped += 1
-                continue
-            check = check_payment(services, claimed.payment_id, now=now)
-            if check.outcome == "budget":
-                spent.add(claimed.provider)
-                _reschedule(services, claimed.payment_id, claimed.due_at)
-            report.add(check)
-            if on_check:
-                on_check(check)
+        try:
+            for claimed in batch:
+                if out_of_time():
+                    break
+                if claimed.provider in spent:
+                    report.skipped += 1
+                    continue
+                check = check_payment(services, claimed.payment_id, lease=claimed.lease)
+                if check.outcome == "budget":
+                    spent.add(claimed.provider)
+                report.add(check)
+                if on_check:
+                    on_check(check)
+        finally:
+            # Whatever the batch did not finish goes back to the queue at once, not in 5 minutes.
+            _release(services, [claimed.payment_id for claimed in batch], batch[0].lease)
     if report.checked or report.skipped:
         log.info("reconciliation pass: %s", report)
     return report
@@ -124,7 +146,12 @@ def reconcile_due(
 class Claimed:
     payment_id: str
     provider: str
-    due_at: datetime
+    # The claim's owner token: only a check holding it may apply an answer.
+    lease: str
+
+
+def lease_length(services: Services) -> timedelta:
+    return max(LEASE, 4 * _call_bound(services))
 
 
 def claim_due(
@@ -134,10 +161,15 @@ def claim_due(
     provider: str | None = None,
     exclude: set[str] | frozenset[str] = frozenset(),
 ) -> list[Claimed]:
+    """Claim the next batch of payments due by `now` that nobody holds: a fresh token and a lease
+    expiry written on each, in the transaction that selected them."""
+    token = secrets.token_hex(16)
+    clock = utcnow()
     with services.db.transaction() as session:
         query = (
-            select(Payment.id, Payment.provider, Payment.next_check_at)
+            select(Payment.id, Payment.provider)
             .where(Payment.next_check_at <= now)
+            .where(or_(Payment.leased_until.is_(None), Payment.leased_until <= clock))
             .order_by(Payment.next_check_at, Payment.id)
             .limit(services.settings.reconcile_batch)
             .with_for_update(skip_locked=True)
@@ -146,32 +178,60 @@ def claim_due(
             query = query.where(Payment.provider == provider)
         if exclude:
             query = query.where(Payment.provider.not_in(exclude))
-        rows = [
-            Claimed(payment_id, name, due_at or now)
-            for payment_id, name, due_at in session.execute(query)
-        ]
+        rows = [Claimed(payment_id, name, token) for payment_id, name in session.execute(query)]
         if rows:
-            # Leased: not due again (for this or any other pass) until checked or released.
             session.execute(
                 update(Payment)
                 .where(Payment.id.in_([row.payment_id for row in rows]))
-                .values(next_check_at=now + LEASE)
+                .values(lease_token=token, leased_until=clock + lease_length(services))
                 .execution_options(synchronize_session=False)
             )
         return rows
 
 
 def check_payment(
-    services: Services, payment_id: str, *, now: datetime | None = None, force: bool = False
+    services: Services,
+    payment_id: str,
+    *,
+    now: datetime | None = None,
+    force: bool = False,
+    lease: str | None = None,
 ) -> Check:
-    """Ask the provider about one payment and apply the answer. `force` asks even when it is
-    not due; a final payment (settled, watch over) is never asked."""
+    """Ask the provider about one payment and apply the answer, at the check's own time.
+
+    A pass hands in the token of its claim. Without one the check leases the payment itself:
+    only when it is due, or with `force` whatever its schedule says (the API's reconcile and
+    `ipn reconcile --payment`); a payment another check holds is left to it. A final payment
+    (settled, watch over) is never asked. A failure of any kind is recorded on the payment
+    (`poll_failures`, `last_check_error`) and returned as a `failed` check, so one bad answer
+    cannot stop a pass; only an error that stops even that record is raised."""
     now = now or utcnow()
+    if lease is None:
+        taken = _lease_one(services, payment_id, now, force)
+        if isinstance(taken, Check):
+            return taken
+        lease = taken
     schedule = Schedule.from_settings(services.settings)
+    try:
+        return _check(services, payment_id, schedule, now, lease)
+    except Exception as exc:
+        error = describe_error(exc)
+        log.warning("reconciliation: payment %s failed: %s", payment_id, error)
+        _record_failure(services, payment_id, schedule, now, error, lease)
+        return Check(payment_id, "failed", error)
+    finally:
+        _release(services, [payment_id], lease)
+
+
+def _check(
+    services: Services, payment_id: str, schedule: Schedule, now: datetime, lease: str
+) -> Check:
     with services.db.sessions() as session:
         payment = session.get(Payment, payment_id)
     if payment is None:
         return Check(payment_id, "failed", "no such payment")
+    if payment.lease_token != lease:
+        return _lease_lost(payment_id)
     if payment.status.is_terminal and schedule.next_check_at(payment, now) is None:
         _reschedule(services, payment_id, None)
         return Check(payment_id, "final", f"final: {payment.status.value}")
@@ -180,7 +240,10 @@ def check_payment(
         _reschedule(services, payment_id, now + timedelta(hours=1))
         return Check(payment_id, "skipped", f"{provider.name} is not configured")
     if not provider.has_status_api:
-        return _settle_by_clock(services, payment, schedule, now)
+        return _settle_by_clock(services, payment, schedule, now, lease)
+    if payment.leased_until is None or payment.leased_until - now < _call_bound(services):
+        # The answer might come after the lease ends and another pass has asked too.
+        return Check(payment_id, "deferred", "too little of the lease left to ask")
     limit = services.settings.poll_limits.get(provider.name)
     if limit and not rate_limit.take(services.db, provider.name, limit[0], limit[1], now):
         return Check(
@@ -189,9 +252,53 @@ def check_payment(
     try:
         snapshot = provider.fetch_status(PaymentRef(payment.order_id, payment.provider_payment_id))
     except ProviderError as exc:
-        _record_failure(services, payment_id, schedule, now)
+        _record_failure(services, payment_id, schedule, now, str(exc), lease)
         return Check(payment_id, "failed", str(exc))
-    return _apply_answer(services, provider, payment_id, snapshot, schedule, now)
+    return _apply_answer(services, provider, payment_id, snapshot, schedule, now, lease)
+
+
+def _lease_one(services: Services, payment_id: str, now: datetime, force: bool) -> str | Check:
+    """Lease one payment for a check of its own: its token, or why it cannot be checked now."""
+    token = secrets.token_hex(16)
+    statement = (
+        update(Payment)
+        .where(Payment.id == payment_id)
+        .where(or_(Payment.leased_until.is_(None), Payment.leased_until <= now))
+        .values(lease_token=token, leased_until=now + lease_length(services))
+        .execution_options(synchronize_session=False)
+    )
+    if not force:
+        statement = statement.where(Payment.next_check_at <= now)
+    with services.db.transaction() as session:
+        if session.execute(statement).rowcount == 1:  # type: ignore[attr-defined]
+            return token
+        payment = session.get(Payment, payment_id)
+    if payment is None:
+        return Check(payment_id, "failed", "no such payment")
+    if payment.leased_until is not None and payment.leased_until > now:
+        return Check(payment_id, "busy", "another check is asking about it now")
+    if payment.next_check_at is None:
+        return Check(payment_id, "final", f"final: {payment.status.value}")
+    return Check(payment_id, "skipped", f"not due until {payment.next_check_at.isoformat()}")
+
+
+def _lease_lost(payment_id: str) -> Check:
+    return Check(payment_id, "busy", "the lease passed to another check: its answer is not applied")
+
+
+def _call_bound(services: Services) -> timedelta:
+    """How long one provider call can take at most: its deadline and one last socket wait."""
+    http = services.settings.http
+    return timedelta(seconds=http.total_timeout + http.read_timeout)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error in a line: a database error's own words, without the statement and parameters
+    SQLAlchemy adds (they may hold a payment's callback token)."""
+    cause = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    words = " ".join(str(cause).split())
+    text = f"{type(cause).__name__}: {words}" if words else type(cause).__name__
+    return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 1] + "…"
 
 
 def _apply_answer(
@@ -201,12 +308,15 @@ def _apply_answer(
     snapshot: Snapshot,
     schedule: Schedule,
     now: datetime,
+    lease: str,
 ) -> Check:
     for _ in range(CAS_ATTEMPTS):
         try:
             with services.db.transaction() as session:
                 payment = session.get(Payment, payment_id, with_for_update=True)
                 assert payment is not None
+                if payment.lease_token != lease:
+                    return _lease_lost(payment_id)
                 applied = apply_snapshot(
                     session,
                     provider,
@@ -219,6 +329,7 @@ def _apply_answer(
                 assert applied is not None
                 payment.checks += 1
                 payment.poll_failures = 0
+                payment.last_check_error = None
                 payment.last_checked_at = now
                 deadline = schedule.deadline(payment)
                 if payment.status is PaymentStatus.PENDING and deadline and now >= deadline:
@@ -241,7 +352,7 @@ def _apply_answer(
 
 
 def _settle_by_clock(
-    services: Services, payment: Payment, schedule: Schedule, now: datetime
+    services: Services, payment: Payment, schedule: Schedule, now: datetime, lease: str
 ) -> Check:
     """No status API: the only question is whether the deadline has passed."""
     deadline = schedule.deadline(payment)
@@ -251,6 +362,8 @@ def _settle_by_clock(
     with services.db.transaction() as session:
         locked = session.get(Payment, payment.id, with_for_update=True)
         assert locked is not None
+        if locked.lease_token != lease:
+            return _lease_lost(payment.id)
         if locked.status.is_terminal:
             return Check(payment.id, "unchanged", f"already {locked.status.value}")
         detail = (
@@ -300,12 +413,33 @@ def _reschedule(services: Services, payment_id: str, when: datetime | None) -> N
         )
 
 
-def _record_failure(services: Services, payment_id: str, schedule: Schedule, now: datetime) -> None:
-    """No usable answer: nothing changes but the count of failures and a later next check."""
+def _release(services: Services, payment_ids: list[str], lease: str) -> None:
+    """End a lease, only where it is still this one (another check may hold it by now)."""
+    with services.db.transaction() as session:
+        session.execute(
+            update(Payment)
+            .where(Payment.id.in_(payment_ids), Payment.lease_token == lease)
+            .values(lease_token=None, leased_until=None)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _record_failure(
+    services: Services,
+    payment_id: str,
+    schedule: Schedule,
+    now: datetime,
+    error: str,
+    lease: str,
+) -> None:
+    """No usable answer: nothing changes but the count of failures, the error and a later next
+    check; and nothing at all once the lease has passed to another check."""
     with services.db.transaction() as session:
         payment = session.get(Payment, payment_id, with_for_update=True)
-        assert payment is not None
+        if payment is None or payment.lease_token != lease:
+            return
         payment.poll_failures += 1
         payment.checks += 1
         payment.last_checked_at = now
+        payment.last_check_error = error
         payment.next_check_at = schedule.after_failure(payment, now)

@@ -91,6 +91,13 @@ class Payment(Base):
     # Status queries in a row that got no usable answer: drives the backoff of the next one.
     poll_failures: Mapped[int] = mapped_column(default=0, server_default="0")
     last_checked_at: Mapped[datetime | None]
+    # Why the last status query failed (cleared by the next one that succeeds); `poll_failures`
+    # counts the failures in a row.
+    last_check_error: Mapped[str | None] = mapped_column(Text)
+    # A reconciliation pass that claims the payment writes a fresh token and an expiry: only
+    # the holder of the token may apply an answer, and nobody else asks until the lease ends.
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    leased_until: Mapped[datetime | None]
     # Per-payment secret the provider echoes back (CubePay `other`); never logged or shown.
     callback_token: Mapped[str | None] = mapped_column(String(64))
     # Every UPDATE is a compare-and-set on this column (SQLAlchemy raises StaleDataError when

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from decimal import Decimal
 from typing import Any
 
 import requests
+import urllib3
 from tenacity import (
     retry,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -21,6 +24,8 @@ from ipn.errors import PaymentNotFound, ProviderRejected, ProviderUnavailable
 log = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 300
+# Answers are read a piece at a time so that the total deadline is checked between pieces.
+CHUNK = 16384
 
 
 def call_json(
@@ -38,24 +43,41 @@ def call_json(
     Raises ProviderUnavailable for timeouts, connection errors, 429, 5xx and answers that are
     not JSON (after the last retry); PaymentNotFound for 404; ProviderRejected for other 4xx.
     `attempts=1` for calls that must not be repeated blindly, such as creating a payment.
+    The whole call, retries and waits included, ends within `http.total_timeout` seconds plus
+    at most one socket timeout.
     """
+    deadline = time.monotonic() + http.total_timeout
+    where = f"{provider}: {method} {_path(url)}"
 
     @retry(
         retry=retry_if_exception_type(ProviderUnavailable),
-        stop=stop_after_attempt(attempts or http.attempts),
+        stop=stop_after_attempt(attempts or http.attempts) | stop_after_delay(http.total_timeout),
         wait=wait_exponential_jitter(multiplier=0.1, max=http.backoff_max),
         reraise=True,
     )
     def attempt() -> Any:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProviderUnavailable(f"{where} gave no answer within {http.total_timeout:g} s")
         try:
             response = session.request(
-                method, url, timeout=(http.connect_timeout, http.read_timeout), **kwargs
+                method,
+                url,
+                timeout=(min(http.connect_timeout, remaining), min(http.read_timeout, remaining)),
+                stream=True,
+                **kwargs,
             )
-        except requests.Timeout:
-            raise ProviderUnavailable(f"{provider}: {method} {_path(url)} timed out") from None
-        except requests.RequestException as exc:
+            try:
+                read_body(response, deadline, http.read_timeout)
+            finally:
+                response.close()
+        except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
+            raise ProviderUnavailable(f"{where} timed out") from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ProviderUnavailable(f"{where} failed: {type(exc).__name__}") from None
+        except Overdue:
             raise ProviderUnavailable(
-                f"{provider}: {method} {_path(url)} failed: {type(exc).__name__}"
+                f"{where} gave no answer within {http.total_timeout:g} s"
             ) from None
         log.info(
             "%s %s %s -> %s in %.0f ms",
@@ -68,6 +90,30 @@ def call_json(
         return read_answer(response, provider)
 
     return attempt()
+
+
+class Overdue(Exception):
+    """The answer was still arriving when the call's deadline came."""
+
+
+def read_body(response: requests.Response, deadline: float, read_timeout: float) -> None:
+    """Read a streamed answer into `response.content`, a piece at a time, until `deadline`
+    (a `time.monotonic()` value): a read timeout bounds each wait for the next byte, not the
+    whole answer."""
+    pieces = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Overdue()
+        sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            sock.settimeout(min(read_timeout, remaining))
+        piece = response.raw.read1(CHUNK, decode_content=True)
+        if not piece:
+            break
+        pieces.append(piece)
+    # What `response.content` would have read itself, had the answer not been streamed.
+    response._content = b"".join(pieces)
 
 
 def read_answer(response: requests.Response, provider: str) -> Any:
