@@ -14,9 +14,10 @@ import responses
 from flask import Flask
 from flask.testing import FlaskClient
 
-from ipn.processing import process_notification
+from ipn.processing import process_notification, run
 from ipn.providers.coinbarpay import encrypt_legacy_token
 from ipn.services import Services
+from ipn.sweeper import sweep_inbox
 from models import AnomalyKind, EventSource, NotificationStatus, PaymentStatus
 
 from helpers import (
@@ -33,6 +34,7 @@ from helpers import (
     cryptoprocessing_headers,
     cubepay_query_answer,
     events,
+    later,
     load_payment,
     make_payment,
     notification,
@@ -703,3 +705,92 @@ def test_two_workers_on_one_row_settle_it_once(
         2,
     )
     assert len(events(services.db, payment.id)) == 1
+
+
+# --- Failed attempts: the row keeps why; a permanent error settles it at once -----------------
+
+
+def stored_cubepay_ipn(client: FlaskClient, app: Flask, body: bytes = CUBEPAY_IPN) -> int:
+    response = client.post("/ipn/cubepay", data=body, headers=FORM)
+    assert (response.status_code, response.get_data()) == (200, b"success")
+    notification_id: int = app.extensions["ipn.dispatcher"].submitted[-1]
+    return notification_id
+
+
+def test_a_transient_failure_keeps_its_type_message_and_traceback(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, status=503, body=b"down")
+    notification_id = stored_cubepay_ipn(client, app)
+
+    _message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is not None
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.RECEIVED
+    assert (row.last_error or "").startswith("ProviderUnavailable: ") and "503" in row.last_error
+    assert "Traceback" in (row.last_traceback or "")
+    assert "ProviderUnavailable" in (row.last_traceback or "")
+
+
+def test_a_bug_settles_the_row_failed_at_once_with_its_traceback(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2))
+
+    def broken(*_args: Any) -> Any:
+        raise ZeroDivisionError("a bug in the mapping")
+
+    monkeypatch.setattr(services.providers["cubepay"], "decide", broken)
+    notification_id = stored_cubepay_ipn(client, app)
+
+    message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is None, "a bug is not retried"
+    assert "ZeroDivisionError" in message
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.FAILED
+    assert row.attempts == 1
+    assert row.last_error == "ZeroDivisionError: a bug in the mapping"
+    assert "Traceback" in (row.last_traceback or "") and "broken" in (row.last_traceback or "")
+    assert row.processed_at is not None and row.next_attempt_at is None
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert events(services.db, payment.id) == []
+    # Settled: the sweeper never picks it up again, let alone marks it dead without an attempt.
+    report = sweep_inbox(services, lambda _id: None, now=later(hours=2))
+    assert (report.requeued, report.dead) == ([], [])
+
+
+def test_a_database_refusal_while_applying_settles_the_row_failed(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever slips past the adapters' checks (here a snapshot the money type refuses) is a
+    permanent error on both backends: failed with the database's words, nothing applied."""
+    from ipn import processing
+    from ipn.providers.base import Snapshot
+
+    payment = cubepay_payment(services)
+    too_fine = Decimal("0." + "1" * 30)
+
+    def answer(_ref: Any) -> Snapshot:
+        return Snapshot("2", order_id="M12345678", paid_amount=too_fine, pay_amount=too_fine)
+
+    monkeypatch.setattr(services.providers["cubepay"], "fetch_status", answer)
+    notification_id = stored_cubepay_ipn(client, app)
+
+    outcome = processing.process_notification(services, notification_id)
+    assert outcome.status is NotificationStatus.FAILED
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.FAILED
+    assert (row.last_error or "").startswith("StatementError: ValueError: money has more than")
+    assert "[SQL:" not in (row.last_error or "")
+    assert row.last_traceback
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
