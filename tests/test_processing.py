@@ -4,10 +4,12 @@ duplicates, stale snapshots and late funds never move a payment backwards."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import responses
@@ -765,6 +767,26 @@ def test_a_bug_settles_the_row_failed_at_once_with_its_traceback(
     assert (report.requeued, report.dead) == ([], [])
 
 
+def test_an_answer_the_money_column_cannot_hold_fails_at_once(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    """The status answer has 28 decimals (the column keeps 24): asking again gives the same."""
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2, paid="0." + "1" * 28))
+    notification_id = stored_cubepay_ipn(client, app)
+
+    _message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is None
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.FAILED
+    assert row.attempts == 1
+    assert "more than 24 decimals" in (row.last_error or "")
+    assert "pay_info.paid_amount" in (row.last_error or "")
+    assert row.last_traceback
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert events(services.db, payment.id) == []
+
+
 def test_a_database_refusal_while_applying_settles_the_row_failed(
     client: FlaskClient,
     app: Flask,
@@ -794,3 +816,129 @@ def test_a_database_refusal_while_applying_settles_the_row_failed(
     assert "[SQL:" not in (row.last_error or "")
     assert row.last_traceback
     assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+
+
+# --- Poison input: ids and amounts no column can keep are refused where they are read ---------
+
+POISON_IDS = {
+    "nul": ("M1234\x005678", "NUL byte"),
+    "lone-surrogate": ("M1234\udc805678", "lone surrogate"),
+    "control": ("M1234\n5678", "control character"),
+    "oversized": ("M" * 256, "more than 255"),
+}
+
+
+def deliver_by_run(
+    client: FlaskClient, app: Flask, services: Services, path: str, body: bytes, headers: Any
+) -> Any:
+    """Store through the endpoint, then one attempt as the task makes it."""
+    response = client.post(path, data=body, headers=headers)
+    assert (response.status_code, response.get_data()) == (200, b"success")
+    notification_id = app.extensions["ipn.dispatcher"].submitted[-1]
+    _message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is None, "poison is never retried"
+    return notification(services.db, notification_id)
+
+
+def assert_refused_poison(services: Services, row: Any, expected: str) -> None:
+    assert row.status is NotificationStatus.REJECTED, (row.status, row.last_error)
+    assert (row.last_error or "").startswith("malformed: ")
+    assert expected in (row.last_error or "")
+    assert "\x00" not in row.last_error
+    assert row.attempts == 1
+    # Settled for good: no sweep retries it or buries it as dead.
+    report = sweep_inbox(services, lambda _id: None, now=later(hours=2))
+    assert (report.requeued, report.dead) == ([], [])
+
+
+@pytest.mark.parametrize("poison", POISON_IDS)
+@pytest.mark.parametrize("shape", ["form", "json"])
+def test_cubepay_unsigned_ipn_with_a_poison_order_id_is_rejected(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    poison: str,
+    shape: str,
+) -> None:
+    """Only the public client id is needed to send one; it must not jam the worker."""
+    order_id, expected = POISON_IDS[poison]
+    fields = {"client_id": "exampleclientid", "merchant_transaction_id": order_id}
+    if shape == "form":
+        if poison == "lone-surrogate":
+            pytest.skip("a form body is UTF-8 bytes: it cannot hold a lone surrogate")
+        body, headers = urlencode(fields).encode(), FORM
+    else:
+        body, headers = json.dumps(fields).encode(), JSON
+    row = deliver_by_run(client, app, services, "/ipn/cubepay", body, headers)
+    assert_refused_poison(services, row, expected)
+    assert len(provider_api.calls) == 0
+
+
+@pytest.mark.parametrize("poison", POISON_IDS)
+def test_coinbarpay_unsigned_callback_with_a_poison_order_id_is_rejected(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    poison: str,
+) -> None:
+    order_id, expected = POISON_IDS[poison]
+    body = json.dumps(
+        {
+            "payment_id_coinbar": "499f5adb-5911-4d1f-8642-2c53c24075d9",
+            "payment_request_id_client": order_id,
+            "service_client_id": "2cb63353-2541-4c4e-90d4-7bf1d4b42c5c",
+            "status": "SUCCESS",
+        }
+    ).encode()
+    row = deliver_by_run(client, app, services, "/ipn/coinbarpay", body, JSON)
+    assert_refused_poison(services, row, expected)
+    assert len(provider_api.calls) == 0
+
+
+@pytest.mark.parametrize(
+    ("received", "expected"),
+    [
+        ("1e999", "beyond the 24 integer digits"),
+        ("1" + "0" * 40, "beyond the 24 integer digits"),
+        ("0." + "1" * 25, "more than 24 decimals"),
+    ],
+    ids=["1e999", "10^40", "25-decimals"],
+)
+@pytest.mark.parametrize("written", ["string", "number"])
+def test_cryptoprocessing_signed_callback_with_an_amount_beyond_the_column_is_rejected(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    received: str,
+    expected: str,
+    written: str,
+) -> None:
+    payment = cp_payment(services)
+    body = cryptoprocessing_callback("paid", received=received)
+    if written == "number":
+        body = body.replace(f'"{received}"'.encode(), received.encode())
+    row = deliver_by_run(
+        client, app, services, "/ipn/cryptoprocessing", body, cryptoprocessing_headers(body)
+    )
+    assert_refused_poison(services, row, expected)
+    assert "currency_sent.received_amount" in (row.last_error or "")
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert events(services.db, payment.id) == []
+
+
+def test_amounts_at_the_columns_limits_are_kept_exactly(
+    client: FlaskClient, app: Flask, services: Services
+) -> None:
+    """24 integer digits and 24 decimals fit; zeros beyond the 24th decimal change nothing."""
+    payment = cp_payment(services)
+    received = "9" * 24 + "." + "9" * 24
+    body = cryptoprocessing_callback("paid", received=received, expected="0.0094" + "0" * 30)
+    row = deliver_by_run(
+        client, app, services, "/ipn/cryptoprocessing", body, cryptoprocessing_headers(body)
+    )
+    assert row.status is NotificationStatus.PROCESSED, row.last_error
+    stored = load_payment(services.db, payment.id)
+    assert stored.paid_amount == Decimal(received)
+    assert stored.pay_amount == Decimal("0.0094")
