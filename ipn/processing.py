@@ -13,7 +13,14 @@ from traceback import format_exception
 from typing import TypeVar
 
 from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -47,8 +54,15 @@ log = logging.getLogger(__name__)
 S = NotificationStatus
 T = TypeVar("T")
 
-# Failures that say nothing about the notification itself: try again later.
-TRANSIENT = (ProviderUnavailable, OperationalError, ConcurrentUpdate)
+# Failures that say nothing about the notification itself: try again later. Anything else is
+# permanent: the same row would fail the same way again.
+TRANSIENT = (
+    ProviderUnavailable,
+    OperationalError,
+    InterfaceError,
+    PoolTimeout,
+    ConcurrentUpdate,
+)
 CAS_ATTEMPTS = 5
 
 
@@ -82,7 +96,13 @@ def run(services: Services, notification_id: int, retries_so_far: int) -> tuple[
     settings = services.settings
     try:
         outcome = process_notification(services, notification_id)
-    except TRANSIENT as exc:
+    except Exception as exc:
+        if not is_transient(exc):
+            # Raised before the row was claimed (or while settling it): settle it here.
+            failure = Failure.of(exc)
+            log.error("notification %s: %s", notification_id, failure.error)
+            fail(services, notification_id, failure)
+            return f"failed: {failure.error}", None
         failure = Failure.of(exc)
         if retries_so_far >= settings.task_max_retries:
             give_up(services, notification_id, failure)
@@ -93,12 +113,6 @@ def run(services: Services, notification_id: int, retries_so_far: int) -> tuple[
             "notification %s: %s; retrying in %ss", notification_id, failure.error, countdown
         )
         return f"retrying: {failure.error}", countdown
-    except Exception as exc:
-        # Raised before the row was claimed (or while settling it): settle it here.
-        failure = Failure.of(exc)
-        log.error("notification %s: %s", notification_id, failure.error)
-        fail(services, notification_id, failure)
-        return f"failed: {failure.error}", None
     log.info("notification %s: %s", notification_id, outcome.message)
     return outcome.message, None
 
@@ -113,9 +127,9 @@ def process_notification(
         return Outcome(None, "nothing to do: already settled or no such notification")
     try:
         return _process(services, claim, now)
-    except TRANSIENT:
-        raise
     except Exception as exc:
+        if is_transient(exc):
+            raise
         # Permanent (bad data, an overflow, a bug): retrying gives the same answer, so the row
         # is settled now with what went wrong, instead of waiting for the sweeper to bury it.
         failure = Failure.of(exc)
@@ -257,6 +271,14 @@ def postpone(services: Services, notification_id: int, failure: Failure, countdo
     except OperationalError:
         # The database is the thing failing: the retry (or the sweeper) will try again.
         log.warning("notification %s: could not record the error", notification_id)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed: the provider or the database was unreachable,
+    or a race was lost; not the notification's fault."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def backoff(retries_so_far: int, limit: int) -> int:

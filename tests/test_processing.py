@@ -767,6 +767,32 @@ def test_a_bug_settles_the_row_failed_at_once_with_its_traceback(
     assert (report.requeued, report.dead) == ([], [])
 
 
+@pytest.mark.parametrize("lost", ["interface-error", "invalidated-connection"])
+def test_a_lost_database_connection_is_retried_not_failed(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    monkeypatch: pytest.MonkeyPatch,
+    lost: str,
+) -> None:
+    from sqlalchemy.exc import DBAPIError, InterfaceError
+
+    def answer(_ref: Any) -> Any:
+        if lost == "interface-error":
+            raise InterfaceError("SELECT 1", {}, Exception("connection already closed"))
+        raise DBAPIError("SELECT 1", {}, Exception("server closed"), connection_invalidated=True)
+
+    cubepay_payment(services)
+    monkeypatch.setattr(services.providers["cubepay"], "fetch_status", answer)
+    notification_id = stored_cubepay_ipn(client, app)
+
+    _message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is not None
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.RECEIVED
+    assert row.last_traceback
+
+
 def test_an_answer_the_money_column_cannot_hold_fails_at_once(
     client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
 ) -> None:
