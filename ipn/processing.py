@@ -220,7 +220,8 @@ class Failure:
 
     @classmethod
     def of(cls, exc: BaseException) -> Failure:
-        return cls(describe(exc), "".join(format_exception(exc)))
+        # A long traceback keeps its end: the frames nearest the error, and the error itself.
+        return cls(describe(exc), "".join(format_exception(exc))[-TRACEBACK_LIMIT:])
 
 
 def give_up(services: Services, notification_id: int, failure: Failure) -> None:
