@@ -877,8 +877,11 @@ def assert_refused_poison(services: Services, row: Any, expected: str) -> None:
     assert (report.requeued, report.dead) == ([], [])
 
 
-@pytest.mark.parametrize("poison", POISON_IDS)
-@pytest.mark.parametrize("shape", ["form", "json"])
+@pytest.mark.parametrize(
+    ("shape", "poison"),
+    # A form body is UTF-8 bytes: only JSON's escapes can carry a lone surrogate.
+    [("form", p) for p in POISON_IDS if p != "lone-surrogate"] + [("json", p) for p in POISON_IDS],
+)
 def test_cubepay_unsigned_ipn_with_a_poison_order_id_is_rejected(
     client: FlaskClient,
     app: Flask,
@@ -891,8 +894,6 @@ def test_cubepay_unsigned_ipn_with_a_poison_order_id_is_rejected(
     order_id, expected = POISON_IDS[poison]
     fields = {"client_id": "exampleclientid", "merchant_transaction_id": order_id}
     if shape == "form":
-        if poison == "lone-surrogate":
-            pytest.skip("a form body is UTF-8 bytes: it cannot hold a lone surrogate")
         body, headers = urlencode(fields).encode(), FORM
     else:
         body, headers = json.dumps(fields).encode(), JSON
