@@ -15,6 +15,7 @@ from sqlalchemy import select
 from ipn import payments, serialize
 from ipn import replay as replays
 from ipn.anomalies import resolve_anomaly
+from ipn.dispatch import enqueue
 from ipn.errors import InvalidPaymentRequest, ProviderError
 from ipn.services import Services
 from models import (
@@ -203,9 +204,7 @@ def _services() -> Services:
 
 
 def _send(notification_id: int) -> None:
-    current_app.extensions["celery"].send_task(
-        "ipn.process_notification", args=[notification_id], retry=False
-    )
+    enqueue(current_app.extensions["celery"], notification_id)
 
 
 def _page(query: Any, key: Any, shape: Callable[[Any], dict[str, Any]], *, cursor: Any) -> Response:

@@ -9,8 +9,9 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ipn.config import Settings
-from ipn.dispatch import Dispatcher
+from ipn.dispatch import Dispatcher, sender
 from ipn.services import Services
+from workers.app import make_celery
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -31,15 +32,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     services = Services.from_settings(settings)
     app.extensions["ipn"] = services
 
-    from workers.app import make_celery
-
     celery = make_celery(app, settings)
     app.extensions["celery"] = celery
-    app.extensions["ipn.dispatcher"] = Dispatcher(
-        lambda notification_id: celery.send_task(
-            "ipn.process_notification", args=[notification_id], retry=False
-        )
-    )
+    app.extensions["ipn.dispatcher"] = Dispatcher(sender(celery))
 
     from ipn import api, callbacks, cli, health
 

@@ -17,6 +17,7 @@ from ipn import replay as replays
 from ipn import serialize
 from ipn.anomalies import resolve_anomaly
 from ipn.config import PROVIDERS, Settings
+from ipn.dispatch import enqueue
 from ipn.errors import ConfigurationError
 from ipn.services import Services
 from models import (
@@ -67,9 +68,7 @@ def services() -> Services:
 
 
 def send(notification_id: int) -> None:
-    current_app.extensions["celery"].send_task(
-        "ipn.process_notification", args=[notification_id], retry=False
-    )
+    enqueue(current_app.extensions["celery"], notification_id)
 
 
 def parse_time_option(

@@ -1,5 +1,6 @@
-"""Hands stored notification ids to the queue from a background thread, so a slow broker never
-holds up the answer to a provider; whatever cannot be sent is left for the inbox sweeper."""
+"""Hands stored notification ids to the queue (`enqueue`, the one way a notification reaches a
+worker), from a background thread for the callback view, so a slow broker never holds up the
+answer to a provider; whatever cannot be sent is left for the inbox sweeper."""
 
 from __future__ import annotations
 
@@ -9,8 +10,26 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
+
+from celery import Celery
 
 log = logging.getLogger(__name__)
+
+# The worker's task for one stored notification (workers.tasks.process_notification).
+PROCESS_TASK = "ipn.process_notification"
+
+
+def enqueue(celery: Celery, notification_id: int) -> None:
+    """Publish one notification id for a worker. Raises when the broker cannot take it: the
+    row is already committed, so the caller logs and leaves it to the inbox sweeper."""
+    # No publish retries: the dispatcher and the sweeper own the retrying.
+    celery.send_task(PROCESS_TASK, args=[notification_id], retry=False)
+
+
+def sender(celery: Celery) -> Callable[[int], None]:
+    """`enqueue` bound to one Celery app: the `send` the sweeper and replay take."""
+    return partial(enqueue, celery)
 
 
 class Dispatcher:

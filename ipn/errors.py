@@ -4,6 +4,7 @@ IPNError
  ├── ConfigurationError        bad settings, refused at start-up
  ├── CallbackError             the stored callback cannot be acted on; the row is `rejected`
  │    ├── MalformedCallback    not the shape the provider sends (bad JSON, missing fields, ...)
+ │    │    └── UnstorableValue an id, text or amount no column can keep as sent
  │    └── ForgedCallback       a signature, token, client id or key present and wrong
  ├── ProviderError             a server-to-server call did not give an answer we can use
  │    ├── ProviderUnavailable  transient (timeout, connection, 5xx, 429, garbage): retry later
@@ -36,6 +37,11 @@ class CallbackError(IPNError):
 
 class MalformedCallback(CallbackError):
     pass
+
+
+class UnstorableValue(MalformedCallback):
+    """Too long, too large, too many decimals, a NUL byte or a lone surrogate: retrying or
+    asking again gives the same value, so in a provider's answer it is a permanent refusal."""
 
 
 class ForgedCallback(CallbackError):

@@ -13,6 +13,14 @@ from ipn.db import Database
 from models import Notification, NotificationKind, NotificationStatus, utcnow
 
 ERROR_LIMIT = 4000
+TRACEBACK_LIMIT = 16000
+
+
+def storable(text: str, limit: int = ERROR_LIMIT) -> str:
+    """Text any backend can keep: no NUL byte, no lone surrogate (PostgreSQL refuses both, and
+    an error about a poison callback often quotes it), at most `limit` characters."""
+    cleaned = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return cleaned[:limit]
 
 
 def store_callback(
@@ -50,18 +58,25 @@ def settle(
     *,
     outcome: str | None = None,
     error: str | None = None,
+    traceback: str | None = None,
     payment_id: str | None = None,
 ) -> bool:
-    """Move a `received` row to its final status. False when another worker settled it first."""
+    """Move a `received` row to its final status. False when another worker settled it first.
+
+    An error is kept with its traceback, if any; a settlement without one leaves the last
+    attempt's error and traceback as they were."""
     values: dict[str, object] = {
         "status": status,
-        "outcome": outcome,
+        "outcome": None if outcome is None else storable(outcome),
         "processed_at": utcnow(),
         "next_attempt_at": None,
         "replay_mode": None,
     }
     if error is not None:
-        values["last_error"] = error[:ERROR_LIMIT]
+        values["last_error"] = storable(error)
+        values["last_traceback"] = (
+            None if traceback is None else storable(traceback, TRACEBACK_LIMIT)
+        )
     if payment_id is not None:
         values["payment_id"] = payment_id
     result = session.execute(

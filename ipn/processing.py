@@ -9,10 +9,18 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from traceback import format_exception
 from typing import TypeVar
 
 from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -24,7 +32,7 @@ from ipn.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from ipn.inbox import ERROR_LIMIT, settle
+from ipn.inbox import TRACEBACK_LIMIT, settle, storable
 from ipn.polling import Schedule
 from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
 from ipn.providers.bitcoinpaygate import anomaly_key
@@ -46,8 +54,15 @@ log = logging.getLogger(__name__)
 S = NotificationStatus
 T = TypeVar("T")
 
-# Failures that say nothing about the notification itself: try again later.
-TRANSIENT = (ProviderUnavailable, OperationalError, ConcurrentUpdate)
+# Failures that say nothing about the notification itself: try again later. Anything else is
+# permanent: the same row would fail the same way again.
+TRANSIENT = (
+    ProviderUnavailable,
+    OperationalError,
+    InterfaceError,
+    PoolTimeout,
+    ConcurrentUpdate,
+)
 CAS_ATTEMPTS = 5
 
 
@@ -73,19 +88,31 @@ class Outcome:
 
 
 def run(services: Services, notification_id: int, retries_so_far: int) -> tuple[str, int | None]:
-    """Process once, as a task would: (what happened, seconds until a retry or None)."""
+    """Process once, as a task would: (what happened, seconds until a retry or None).
+
+    Nothing escapes: a transient failure is retried (finitely), anything else settles the row
+    `failed` with its error and traceback.
+    """
     settings = services.settings
     try:
         outcome = process_notification(services, notification_id)
-    except TRANSIENT as exc:
-        error = describe(exc)
+    except Exception as exc:
+        if not is_transient(exc):
+            # Raised before the row was claimed (or while settling it): settle it here.
+            failure = Failure.of(exc)
+            log.error("notification %s: %s", notification_id, failure.error)
+            fail(services, notification_id, failure)
+            return f"failed: {failure.error}", None
+        failure = Failure.of(exc)
         if retries_so_far >= settings.task_max_retries:
-            give_up(services, notification_id, error)
-            return f"failed after {retries_so_far + 1} attempts: {error}", None
+            give_up(services, notification_id, failure)
+            return f"failed after {retries_so_far + 1} attempts: {failure.error}", None
         countdown = backoff(retries_so_far, settings.task_retry_backoff_max)
-        postpone(services, notification_id, error, countdown)
-        log.warning("notification %s: %s; retrying in %ss", notification_id, error, countdown)
-        return f"retrying: {error}", countdown
+        postpone(services, notification_id, failure, countdown)
+        log.warning(
+            "notification %s: %s; retrying in %ss", notification_id, failure.error, countdown
+        )
+        return f"retrying: {failure.error}", countdown
     log.info("notification %s: %s", notification_id, outcome.message)
     return outcome.message, None
 
@@ -98,6 +125,26 @@ def process_notification(
     claim = _claim(services, notification_id, now)
     if claim is None:
         return Outcome(None, "nothing to do: already settled or no such notification")
+    try:
+        return _process(services, claim, now)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        # Permanent (bad data, an overflow, a bug): retrying gives the same answer, so the row
+        # is settled now with what went wrong, instead of waiting for the sweeper to bury it.
+        failure = Failure.of(exc)
+        log.error("notification %s: %s", claim.id, failure.error)
+        return _settle(
+            services,
+            claim,
+            S.FAILED,
+            f"permanent error: {failure.error}",
+            error=failure.error,
+            traceback=failure.traceback,
+        )
+
+
+def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
     provider = services.providers.get(claim.provider)
     if provider is None:
         return _settle(services, claim, S.IGNORED, f"no provider named {claim.provider!r}")
@@ -129,12 +176,14 @@ def process_notification(
     try:
         snapshot, evidence, may_adopt = _evidence(provider, claim, callback, known)
     except ProviderRejected as exc:
+        failure = Failure.of(exc)
         return _settle(
             services,
             claim,
             S.FAILED,
             f"provider refused: {exc}",
-            error=str(exc),
+            error=failure.error,
+            traceback=failure.traceback,
             payment_id=known.id if known else None,
         )
     if snapshot is None:
@@ -162,13 +211,51 @@ def process_notification(
     return _in_transaction(services, apply)
 
 
-def give_up(services: Services, notification_id: int, error: str) -> None:
+@dataclass(frozen=True)
+class Failure:
+    """One failed attempt as the row keeps it: `Type: message`, and the traceback."""
+
+    error: str
+    traceback: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Failure:
+        # A long traceback keeps its end: the frames nearest the error, and the error itself.
+        return cls(describe(exc), "".join(format_exception(exc))[-TRACEBACK_LIMIT:])
+
+
+def give_up(services: Services, notification_id: int, failure: Failure) -> None:
     """Retries are spent: the row is `failed` with its last error, for an operator to replay."""
     with services.db.transaction() as session:
-        settle(session, notification_id, S.FAILED, outcome="gave up after retries", error=error)
+        settle(
+            session,
+            notification_id,
+            S.FAILED,
+            outcome="gave up after retries",
+            error=failure.error,
+            traceback=failure.traceback,
+        )
 
 
-def postpone(services: Services, notification_id: int, error: str, countdown: int) -> None:
+def fail(services: Services, notification_id: int, failure: Failure) -> None:
+    """Settle the row `failed` at once; if even that cannot be done, the sweeper finds it."""
+    try:
+        with services.db.transaction() as session:
+            settle(
+                session,
+                notification_id,
+                S.FAILED,
+                outcome=f"permanent error: {failure.error}",
+                error=failure.error,
+                traceback=failure.traceback,
+            )
+    except Exception as exc:
+        log.error(
+            "notification %s: could not record the error (%s)", notification_id, describe(exc)
+        )
+
+
+def postpone(services: Services, notification_id: int, failure: Failure, countdown: int) -> None:
     """Keep the error on the row and keep the sweeper off it while a retry is scheduled."""
     retry_at = utcnow() + timedelta(seconds=countdown) + services.settings.sweep_after
     try:
@@ -176,11 +263,23 @@ def postpone(services: Services, notification_id: int, error: str, countdown: in
             session.execute(
                 update(Notification)
                 .where(Notification.id == notification_id, Notification.status == S.RECEIVED)
-                .values(last_error=error[:ERROR_LIMIT], next_attempt_at=retry_at)
+                .values(
+                    last_error=storable(failure.error),
+                    last_traceback=storable(failure.traceback, TRACEBACK_LIMIT),
+                    next_attempt_at=retry_at,
+                )
             )
     except OperationalError:
         # The database is the thing failing: the retry (or the sweeper) will try again.
         log.warning("notification %s: could not record the error", notification_id)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed: the provider or the database was unreachable,
+    or a race was lost; not the notification's fault."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def backoff(retries_so_far: int, limit: int) -> int:
@@ -190,9 +289,14 @@ def backoff(retries_so_far: int, limit: int) -> int:
 
 
 def describe(exc: BaseException) -> str:
+    """`Type: message`; a database error without the SQL and parameters it carries."""
+    name = type(exc).__name__
     if isinstance(exc, OperationalError):
-        return f"database unavailable: {type(exc.orig).__name__}"
-    return str(exc) or type(exc).__name__
+        return f"{name}: database unavailable: {type(exc.orig).__name__}"
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        orig = exc.orig
+        return f"{name}: {type(orig).__name__}: {str(orig).strip() or 'no message'}"
+    return f"{name}: {str(exc) or 'no message'}"
 
 
 def _claim(services: Services, notification_id: int, now: datetime) -> Claim | None:
@@ -299,11 +403,18 @@ def _settle(
     outcome: str,
     *,
     error: str | None = None,
+    traceback: str | None = None,
     payment_id: str | None = None,
 ) -> Outcome:
     with services.db.transaction() as session:
         if not settle(
-            session, claim.id, status, outcome=outcome, error=error, payment_id=payment_id
+            session,
+            claim.id,
+            status,
+            outcome=outcome,
+            error=error,
+            traceback=traceback,
+            payment_id=payment_id,
         ):
             return Outcome(None, "settled meanwhile by another worker")
     return Outcome(status, outcome, payment_id)

@@ -87,10 +87,23 @@ def replay(
                     previous_status=row.status,
                     previous_outcome=row.outcome,
                     requested_by=requested_by,
+                    data={
+                        "attempts": row.attempts,
+                        "last_error": row.last_error,
+                        "processed_at": row.processed_at.isoformat() if row.processed_at else None,
+                    },
                 )
             )
+            # A fresh start for everything the sweeper reads: a replayed row has its own
+            # attempts, and is not buried again (as dead, with an old error) before it had one.
             row.status = NotificationStatus.RECEIVED
             row.replay_mode = mode
+            row.attempts = 0
+            row.last_attempt_at = None
+            row.last_error = None
+            row.last_traceback = None
+            row.outcome = None
+            row.processed_at = None
             row.next_attempt_at = now + services.settings.sweep_after
         # After the commit; if the broker is down the sweeper sends it later.
         try:

@@ -60,7 +60,10 @@ class Notification(Base):
     last_attempt_at: Mapped[datetime | None]
     # When the sweeper may next pick the row up if nothing else has; pushed out by each attempt.
     next_attempt_at: Mapped[datetime | None]
+    # The last failed attempt's exception as `Type: message`, and its traceback (kept on the
+    # row, as dj-stripe's WebhookEventTrigger does, so the row itself shows why).
     last_error: Mapped[str | None] = mapped_column(Text)
+    last_traceback: Mapped[str | None] = mapped_column(Text)
     outcome: Mapped[str | None] = mapped_column(Text)
     processed_at: Mapped[datetime | None]
     # Set by an operator replay until the replay has run, so its effect is told as a replay.

@@ -24,6 +24,7 @@ import redis
 from flask import Flask
 from werkzeug.serving import make_server
 
+from ipn.dispatch import sender
 from models import PaymentEvent
 
 from helpers import bpg_signature, bpg_snapshot, cryptoprocessing_callback, cryptoprocessing_headers
@@ -62,12 +63,7 @@ def forget_queue(redis_url: str | None, queue: str) -> None:
 
 def celery_send(app: Flask) -> Callable[[int], None]:
     """Enqueue a notification id the way the app itself does (the sweeper's and replay's send)."""
-    celery = app.extensions["celery"]
-
-    def send(notification_id: int) -> None:
-        celery.send_task("ipn.process_notification", args=[notification_id], retry=False)
-
-    return send
+    return sender(app.extensions["celery"])
 
 
 # Callbacks -------------------------------------------------------------------------------------

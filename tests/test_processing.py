@@ -4,19 +4,22 @@ duplicates, stale snapshots and late funds never move a payment backwards."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import responses
 from flask import Flask
 from flask.testing import FlaskClient
 
-from ipn.processing import process_notification
+from ipn.processing import process_notification, run
 from ipn.providers.coinbarpay import encrypt_legacy_token
 from ipn.services import Services
+from ipn.sweeper import sweep_inbox
 from models import AnomalyKind, EventSource, NotificationStatus, PaymentStatus
 
 from helpers import (
@@ -33,6 +36,7 @@ from helpers import (
     cryptoprocessing_headers,
     cubepay_query_answer,
     events,
+    later,
     load_payment,
     make_payment,
     notification,
@@ -703,3 +707,265 @@ def test_two_workers_on_one_row_settle_it_once(
         2,
     )
     assert len(events(services.db, payment.id)) == 1
+
+
+# --- Failed attempts: the row keeps why; a permanent error settles it at once -----------------
+
+
+def stored_cubepay_ipn(client: FlaskClient, app: Flask, body: bytes = CUBEPAY_IPN) -> int:
+    response = client.post("/ipn/cubepay", data=body, headers=FORM)
+    assert (response.status_code, response.get_data()) == (200, b"success")
+    notification_id: int = app.extensions["ipn.dispatcher"].submitted[-1]
+    return notification_id
+
+
+def test_a_transient_failure_keeps_its_type_message_and_traceback(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, status=503, body=b"down")
+    notification_id = stored_cubepay_ipn(client, app)
+
+    _message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is not None
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.RECEIVED
+    assert (row.last_error or "").startswith("ProviderUnavailable: ") and "503" in row.last_error
+    assert "Traceback" in (row.last_traceback or "")
+    assert "ProviderUnavailable" in (row.last_traceback or "")
+
+
+def test_a_bug_settles_the_row_failed_at_once_with_its_traceback(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2))
+
+    def broken(*_args: Any) -> Any:
+        raise ZeroDivisionError("a bug in the mapping")
+
+    monkeypatch.setattr(services.providers["cubepay"], "decide", broken)
+    notification_id = stored_cubepay_ipn(client, app)
+
+    message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is None, "a bug is not retried"
+    assert "ZeroDivisionError" in message
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.FAILED
+    assert row.attempts == 1
+    assert row.last_error == "ZeroDivisionError: a bug in the mapping"
+    assert "Traceback" in (row.last_traceback or "") and "broken" in (row.last_traceback or "")
+    assert row.processed_at is not None and row.next_attempt_at is None
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert events(services.db, payment.id) == []
+    # Settled: the sweeper never picks it up again, let alone marks it dead without an attempt.
+    report = sweep_inbox(services, lambda _id: None, now=later(hours=2))
+    assert (report.requeued, report.dead) == ([], [])
+
+
+@pytest.mark.parametrize("lost", ["interface-error", "invalidated-connection"])
+def test_a_lost_database_connection_is_retried_not_failed(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    monkeypatch: pytest.MonkeyPatch,
+    lost: str,
+) -> None:
+    from sqlalchemy.exc import DBAPIError, InterfaceError
+
+    def answer(_ref: Any) -> Any:
+        if lost == "interface-error":
+            raise InterfaceError("SELECT 1", {}, Exception("connection already closed"))
+        raise DBAPIError("SELECT 1", {}, Exception("server closed"), connection_invalidated=True)
+
+    cubepay_payment(services)
+    monkeypatch.setattr(services.providers["cubepay"], "fetch_status", answer)
+    notification_id = stored_cubepay_ipn(client, app)
+
+    _message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is not None
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.RECEIVED
+    assert row.last_traceback
+
+
+def test_an_answer_the_money_column_cannot_hold_fails_at_once(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    """The status answer has 28 decimals (the column keeps 24): asking again gives the same."""
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2, paid="0." + "1" * 28))
+    notification_id = stored_cubepay_ipn(client, app)
+
+    _message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is None
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.FAILED
+    assert row.attempts == 1
+    assert "more than 24 decimals" in (row.last_error or "")
+    assert "pay_info.paid_amount" in (row.last_error or "")
+    assert row.last_traceback
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert events(services.db, payment.id) == []
+
+
+def test_a_database_refusal_while_applying_settles_the_row_failed(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever slips past the adapters' checks (here a snapshot the money type refuses) is a
+    permanent error on both backends: failed with the database's words, nothing applied."""
+    from ipn import processing
+    from ipn.providers.base import Snapshot
+
+    payment = cubepay_payment(services)
+    too_fine = Decimal("0." + "1" * 30)
+
+    def answer(_ref: Any) -> Snapshot:
+        return Snapshot("2", order_id="M12345678", paid_amount=too_fine, pay_amount=too_fine)
+
+    monkeypatch.setattr(services.providers["cubepay"], "fetch_status", answer)
+    notification_id = stored_cubepay_ipn(client, app)
+
+    outcome = processing.process_notification(services, notification_id)
+    assert outcome.status is NotificationStatus.FAILED
+    row = notification(services.db, notification_id)
+    assert row.status is NotificationStatus.FAILED
+    assert (row.last_error or "").startswith("StatementError: ValueError: money has more than")
+    assert "[SQL:" not in (row.last_error or "")
+    assert row.last_traceback
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+
+
+# --- Poison input: ids and amounts no column can keep are refused where they are read ---------
+
+POISON_IDS = {
+    "nul": ("M1234\x005678", "NUL byte"),
+    "lone-surrogate": ("M1234\udc805678", "lone surrogate"),
+    "control": ("M1234\n5678", "control character"),
+    "oversized": ("M" * 256, "more than 255"),
+}
+
+
+def deliver_by_run(
+    client: FlaskClient, app: Flask, services: Services, path: str, body: bytes, headers: Any
+) -> Any:
+    """Store through the endpoint, then one attempt as the task makes it."""
+    response = client.post(path, data=body, headers=headers)
+    assert (response.status_code, response.get_data()) == (200, b"success")
+    notification_id = app.extensions["ipn.dispatcher"].submitted[-1]
+    _message, countdown = run(services, notification_id, retries_so_far=0)
+    assert countdown is None, "poison is never retried"
+    return notification(services.db, notification_id)
+
+
+def assert_refused_poison(services: Services, row: Any, expected: str) -> None:
+    assert row.status is NotificationStatus.REJECTED, (row.status, row.last_error)
+    assert (row.last_error or "").startswith("malformed: ")
+    assert expected in (row.last_error or "")
+    assert "\x00" not in row.last_error
+    assert row.attempts == 1
+    # Settled for good: no sweep retries it or buries it as dead.
+    report = sweep_inbox(services, lambda _id: None, now=later(hours=2))
+    assert (report.requeued, report.dead) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("shape", "poison"),
+    # A form body is UTF-8 bytes: only JSON's escapes can carry a lone surrogate.
+    [("form", p) for p in POISON_IDS if p != "lone-surrogate"] + [("json", p) for p in POISON_IDS],
+)
+def test_cubepay_unsigned_ipn_with_a_poison_order_id_is_rejected(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    poison: str,
+    shape: str,
+) -> None:
+    """Only the public client id is needed to send one; it must not jam the worker."""
+    order_id, expected = POISON_IDS[poison]
+    fields = {"client_id": "exampleclientid", "merchant_transaction_id": order_id}
+    if shape == "form":
+        body, headers = urlencode(fields).encode(), FORM
+    else:
+        body, headers = json.dumps(fields).encode(), JSON
+    row = deliver_by_run(client, app, services, "/ipn/cubepay", body, headers)
+    assert_refused_poison(services, row, expected)
+    assert len(provider_api.calls) == 0
+
+
+@pytest.mark.parametrize("poison", POISON_IDS)
+def test_coinbarpay_unsigned_callback_with_a_poison_order_id_is_rejected(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    provider_api: responses.RequestsMock,
+    poison: str,
+) -> None:
+    order_id, expected = POISON_IDS[poison]
+    body = json.dumps(
+        {
+            "payment_id_coinbar": "499f5adb-5911-4d1f-8642-2c53c24075d9",
+            "payment_request_id_client": order_id,
+            "service_client_id": "2cb63353-2541-4c4e-90d4-7bf1d4b42c5c",
+            "status": "SUCCESS",
+        }
+    ).encode()
+    row = deliver_by_run(client, app, services, "/ipn/coinbarpay", body, JSON)
+    assert_refused_poison(services, row, expected)
+    assert len(provider_api.calls) == 0
+
+
+@pytest.mark.parametrize(
+    ("received", "expected"),
+    [
+        ("1e999", "beyond the 24 integer digits"),
+        ("1" + "0" * 40, "beyond the 24 integer digits"),
+        ("0." + "1" * 25, "more than 24 decimals"),
+    ],
+    ids=["1e999", "10^40", "25-decimals"],
+)
+@pytest.mark.parametrize("written", ["string", "number"])
+def test_cryptoprocessing_signed_callback_with_an_amount_beyond_the_column_is_rejected(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    received: str,
+    expected: str,
+    written: str,
+) -> None:
+    payment = cp_payment(services)
+    body = cryptoprocessing_callback("paid", received=received)
+    if written == "number":
+        body = body.replace(f'"{received}"'.encode(), received.encode())
+    row = deliver_by_run(
+        client, app, services, "/ipn/cryptoprocessing", body, cryptoprocessing_headers(body)
+    )
+    assert_refused_poison(services, row, expected)
+    assert "currency_sent.received_amount" in (row.last_error or "")
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    assert events(services.db, payment.id) == []
+
+
+def test_amounts_at_the_columns_limits_are_kept_exactly(
+    client: FlaskClient, app: Flask, services: Services
+) -> None:
+    """24 integer digits and 24 decimals fit; zeros beyond the 24th decimal change nothing."""
+    payment = cp_payment(services)
+    received = "9" * 24 + "." + "9" * 24
+    body = cryptoprocessing_callback("paid", received=received, expected="0.0094" + "0" * 30)
+    row = deliver_by_run(
+        client, app, services, "/ipn/cryptoprocessing", body, cryptoprocessing_headers(body)
+    )
+    assert row.status is NotificationStatus.PROCESSED, row.last_error
+    stored = load_payment(services.db, payment.id)
+    assert stored.paid_amount == Decimal(received)
+    assert stored.pay_amount == Decimal("0.0094")

@@ -9,10 +9,12 @@ from datetime import timedelta
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
+from ipn.replay import replay
 from ipn.services import Services
 from ipn.sweeper import sweep_inbox
-from models import Notification, NotificationStatus, utcnow
+from models import Notification, NotificationReplay, NotificationStatus, ReplayMode, utcnow
 
 from helpers import CUBEPAY_IPN, FORM, notification
 
@@ -97,3 +99,39 @@ def test_concurrent_sweepers_send_each_row_once(
     for thread in threads:
         thread.join()
     assert sorted(sent) == sorted(rows)
+
+
+def test_a_replayed_dead_row_gets_fresh_attempts_while_the_broker_is_down(
+    client: FlaskClient, app: Flask, services: Services
+) -> None:
+    """Replay resets what the sweeper reads: with no worker reachable the row is sent again by
+    each sweep, never buried as dead again before any attempt ran."""
+    [row] = stored(client, app)
+    with services.db.transaction() as session:
+        stuck = session.get(Notification, row)
+        assert stuck is not None
+        stuck.attempts = services.settings.max_attempts
+        stuck.last_error = "worker lost"
+    later = utcnow() + services.settings.sweep_after * 2
+    assert sweep_inbox(services, lambda _id: None, now=later).dead == [row]
+
+    def broker_down(_id: int) -> None:
+        raise ConnectionError("refused")
+
+    assert replay(services, [row], ReplayMode.STORED, broker_down) == [row]
+    replayed = notification(services.db, row)
+    assert replayed.status is NotificationStatus.RECEIVED
+    assert (replayed.attempts, replayed.last_error, replayed.processed_at) == (0, None, None)
+    moment = utcnow()
+    for sweep in range(1, 4):
+        moment += services.settings.sweep_after + timedelta(seconds=1)
+        report = sweep_inbox(services, broker_down, now=moment)
+        assert (report.dead, report.unsent) == ([], [row]), f"sweep {sweep}"
+    assert notification(services.db, row).status is NotificationStatus.RECEIVED
+    # What the row was before the replay is kept on the replay's record.
+    with services.db.sessions() as session:
+        [record] = session.scalars(select(NotificationReplay)).all()
+    assert record.previous_status is NotificationStatus.DEAD
+    assert record.data is not None
+    assert record.data["attempts"] == services.settings.max_attempts
+    assert record.data["last_error"] == "worker lost"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -13,6 +14,10 @@ from ipn.config import Settings
 
 SWEEP_EVERY = timedelta(minutes=1)
 RECONCILE_EVERY = timedelta(minutes=1)
+
+# The Flask apps this process built a Celery app for (a worker builds one), so that a forked
+# pool process can reach their engines without importing the entry module that built them.
+_BUILT: weakref.WeakSet[Flask] = weakref.WeakSet()
 
 
 def make_celery(flask_app: Flask, settings: Settings) -> Celery:
@@ -57,17 +62,12 @@ def make_celery(flask_app: Flask, settings: Settings) -> Celery:
         include=["workers.tasks"],
     )
     celery.set_default()
+    _BUILT.add(flask_app)
     return celery
 
 
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
     """A forked pool process must not share the parent's database connections."""
-    from flask import current_app
-
-    try:
-        current_app.extensions["ipn"].db.dispose()
-    except RuntimeError:  # no app context: the entry module's app is reached below
-        from workers.main import flask_app
-
+    for flask_app in list(_BUILT):
         flask_app.extensions["ipn"].db.dispose()

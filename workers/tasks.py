@@ -6,6 +6,7 @@ from celery import shared_task
 from flask import current_app
 
 from ipn import processing, reconcile, sweeper
+from ipn.dispatch import PROCESS_TASK, enqueue
 from ipn.services import Services
 
 RECONCILE_BUDGET_SECONDS = 50.0
@@ -16,13 +17,11 @@ def _services() -> Services:
     return services
 
 
-def enqueue(notification_id: int) -> None:
-    current_app.extensions["celery"].send_task(
-        "ipn.process_notification", args=[notification_id], retry=False
-    )
+def _send(notification_id: int) -> None:
+    enqueue(current_app.extensions["celery"], notification_id)
 
 
-@shared_task(bind=True, name="ipn.process_notification", max_retries=None)
+@shared_task(bind=True, name=PROCESS_TASK, max_retries=None)
 def process_notification(self, notification_id: int) -> str:  # type: ignore[no-untyped-def]
     message, countdown = processing.run(_services(), notification_id, self.request.retries)
     if countdown is not None:
@@ -32,7 +31,7 @@ def process_notification(self, notification_id: int) -> str:  # type: ignore[no-
 
 @shared_task(name="ipn.sweep_inbox")
 def sweep_inbox() -> str:
-    return str(sweeper.sweep_inbox(_services(), enqueue))
+    return str(sweeper.sweep_inbox(_services(), _send))
 
 
 @shared_task(name="ipn.reconcile_due")

@@ -5,18 +5,29 @@ from __future__ import annotations
 import enum
 import hmac
 import json
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any, ClassVar, Protocol
 
 import requests
 
 from ipn.config import HTTPSettings, ProviderSettings
-from ipn.errors import MalformedCallback
+from ipn.errors import MalformedCallback, UnstorableValue
 from models import PaymentStatus
+from models.base import MONEY_PRECISION, MONEY_SCALE
+
+# What the payment columns keep (models.payment): ids and addresses String(255), a provider's
+# status String(64), currency codes String(16), money NUMERIC(48, 24).
+ID_LIMIT = 255
+STATUS_LIMIT = 64
+CURRENCY_LIMIT = 16
+MONEY_INTEGER_DIGITS = MONEY_PRECISION - MONEY_SCALE
+_SMALLEST_MONEY = Decimal(1).scaleb(-MONEY_SCALE)
+_MONEY_CONTEXT = Context(prec=MONEY_PRECISION)
 
 
 class Authenticity(enum.StrEnum):
@@ -204,8 +215,9 @@ class Provider(ABC):
 
 def constant_time_equal(given: str | bytes, expected: str | bytes) -> bool:
     """Compare secrets without leaking where they differ; case-sensitive."""
-    a = given.encode() if isinstance(given, str) else given
-    b = expected.encode() if isinstance(expected, str) else expected
+    # A lone surrogate in what was sent must compare unequal, not raise.
+    a = given.encode("utf-8", "surrogatepass") if isinstance(given, str) else given
+    b = expected.encode("utf-8", "surrogatepass") if isinstance(expected, str) else expected
     return hmac.compare_digest(a, b)
 
 
@@ -222,7 +234,9 @@ def loads_json(body: bytes | str) -> Any:
     """JSON with every number that has a point or exponent as a Decimal, never a float."""
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
-        return json.loads(text, parse_float=Decimal)
+        value = json.loads(text, parse_float=Decimal)
+        _refuse_unstorable(value)
+        return value
     except UnicodeDecodeError as exc:
         raise MalformedCallback(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
     except RecursionError:
@@ -250,7 +264,101 @@ def to_decimal(value: Any, what: str) -> Decimal | None:
         raise MalformedCallback(f"{what} is not a number: {value!r}") from None
     if not result.is_finite():
         raise MalformedCallback(f"{what} is not a finite number: {value!r}")
-    return result
+    return checked_money(result, what)
+
+
+def checked_money(value: Decimal, what: str) -> Decimal:
+    """An amount the money column keeps exactly: at most 24 integer digits and 24 decimals
+    (trailing zeros beyond those are dropped, as they change nothing)."""
+    if not value.is_finite():
+        raise UnstorableValue(f"{what} is not a finite number: {value}")
+    if value.is_zero():
+        return Decimal(0)
+    if value.adjusted() >= MONEY_INTEGER_DIGITS:
+        shown = f"{value:.3e}" if value.adjusted() > 60 else str(value)
+        raise UnstorableValue(
+            f"{what} is {shown}, beyond the {MONEY_INTEGER_DIGITS} integer digits an amount has"
+        )
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -MONEY_SCALE:
+        exact = value.quantize(_SMALLEST_MONEY, context=_MONEY_CONTEXT)
+        if exact != value:
+            raise UnstorableValue(f"{what} has more than {MONEY_SCALE} decimals: {value}")
+        value = exact
+    return value
+
+
+def checked_id(value: str, what: str) -> str:
+    """An id from the wire (an order id, a provider's payment id) as it can be kept and looked
+    up: at most 255 characters, no control characters, no lone surrogates."""
+    checked_text(value, what, ID_LIMIT)
+    control = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise UnstorableValue(f"{what} holds the control character {control!a}")
+    return value
+
+
+def checked_text(value: str, what: str, limit: int | None = None) -> str:
+    """Text that PostgreSQL and SQLite both keep as sent: no NUL byte, no lone surrogate, and
+    at most `limit` characters where the column has a limit."""
+    if limit is not None and len(value) > limit:
+        raise UnstorableValue(f"{what} is {len(value)} characters long, more than {limit}")
+    if "\x00" in value:
+        raise UnstorableValue(f"{what} holds a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnstorableValue(
+            f"{what} holds the lone surrogate {value[exc.start]!a}, which is not text"
+        ) from None
+    return value
+
+
+def checked_ref(ref: PaymentRef, what: str = "the callback") -> PaymentRef:
+    """A payment reference whose ids can be looked up and kept (see `checked_id`)."""
+    if ref.order_id is not None:
+        checked_id(ref.order_id, f"{what}'s order id")
+    if ref.provider_payment_id is not None:
+        checked_id(ref.provider_payment_id, f"{what}'s payment id")
+    return ref
+
+
+_TEXT_LIMITS = {
+    "provider_status": STATUS_LIMIT,
+    "order_id": ID_LIMIT,
+    "provider_payment_id": ID_LIMIT,
+    "currency": CURRENCY_LIMIT,
+    "pay_currency": CURRENCY_LIMIT,
+    "pay_address": ID_LIMIT,
+}
+
+
+def checked_snapshot(snapshot: Snapshot) -> Snapshot:
+    """A snapshot every field of which the payment's columns keep as the provider sent it;
+    UnstorableValue names the first that does not fit."""
+    for item in fields(snapshot):
+        value = getattr(snapshot, item.name)
+        if item.name in ("order_id", "provider_payment_id") and value is not None:
+            checked_id(value, item.name)
+        elif isinstance(value, str):
+            checked_text(value, item.name, _TEXT_LIMITS.get(item.name))
+        elif isinstance(value, Decimal):
+            checked_money(value, item.name)
+    return snapshot
+
+
+def _refuse_unstorable(value: Any, where: str = "the body") -> None:
+    """No provider sends a NUL byte or half a surrogate pair (JSON may escape both); either
+    would fail in the database later, so the callback is refused while it is read."""
+    if isinstance(value, str):
+        checked_text(value, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            checked_text(key, f"a field name in {where}")
+            _refuse_unstorable(item, f"field {key!a}")
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_unstorable(item, where)
 
 
 def parse_time(value: Any, what: str) -> datetime | None:

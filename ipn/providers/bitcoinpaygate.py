@@ -17,6 +17,7 @@ from ipn.errors import (
     PaymentNotFound,
     ProviderRejected,
     ProviderUnavailable,
+    UnstorableValue,
 )
 from ipn.providers.base import (
     Authenticity,
@@ -27,6 +28,8 @@ from ipn.providers.base import (
     PaymentRequest,
     Provider,
     Snapshot,
+    checked_ref,
+    checked_snapshot,
     constant_time_equal,
     header,
     loads_json_object,
@@ -89,7 +92,9 @@ class BitcoinPaygate(Provider):
             )
             if not ref:
                 raise MalformedCallback("the anomaly names no paymentId or merchantTransactionId")
-            return Callback(kind=kind, authenticity=authenticity, ref=ref, fields=fields)
+            return Callback(
+                kind=kind, authenticity=authenticity, ref=checked_ref(ref), fields=fields
+            )
         snapshot = _snapshot(fields)
         if not snapshot.provider_payment_id:
             raise MalformedCallback("the notification has no paymentId")
@@ -121,6 +126,11 @@ class BitcoinPaygate(Provider):
             raise ProviderUnavailable("bitcoinpaygate: the status answer is not a JSON object")
         try:
             snapshot = _snapshot(answer)
+        except UnstorableValue as exc:
+            # Asking again gives the same answer: permanent, not a provider hiccup.
+            raise ProviderRejected(
+                f"bitcoinpaygate: the status answer holds what we cannot keep: {exc}"
+            ) from None
         except MalformedCallback as exc:
             raise ProviderUnavailable(
                 f"bitcoinpaygate: the status answer cannot be read: {exc}"
@@ -231,7 +241,7 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
     status = data.get("status")
     if not isinstance(status, str) or not status:
         raise MalformedCallback("the payment has no status")
-    return Snapshot(
+    snapshot = Snapshot(
         provider_status=status,
         order_id=_text(data.get("merchantTransactionId")),
         provider_payment_id=_text(data.get("paymentId")),
@@ -244,6 +254,7 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
         as_of=parse_time(data.get("currentTime"), "currentTime"),
         raw=data,
     )
+    return checked_snapshot(snapshot)
 
 
 def _text(value: Any) -> str | None:

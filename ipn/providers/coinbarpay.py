@@ -25,6 +25,7 @@ from ipn.errors import (
     PaymentNotFound,
     ProviderRejected,
     ProviderUnavailable,
+    UnstorableValue,
 )
 from ipn.providers.base import (
     Authenticity,
@@ -35,6 +36,8 @@ from ipn.providers.base import (
     PaymentRequest,
     Provider,
     Snapshot,
+    checked_ref,
+    checked_snapshot,
     constant_time_equal,
     header,
     loads_json_object,
@@ -158,7 +161,7 @@ def _legacy_cipher(api_key: str, secret: str) -> Cipher[modes.CBC]:
 
 
 class CoinbarPay(Provider):
-    """CoinbarPay's gateway API (docs.coinbar.io): see /work/shared/providers/coinbarpay.md."""
+    """CoinbarPay's gateway API (docs.coinbar.io): see ../shared/providers/coinbarpay.md."""
 
     name: ClassVar[str] = "coinbarpay"
     has_status_api: ClassVar[bool] = True
@@ -251,6 +254,9 @@ class CoinbarPay(Provider):
         self._check_result(answer, required=False)
         try:
             snapshot = _snapshot(answer)
+        except UnstorableValue as exc:
+            # Asking again gives the same answer: permanent, not a provider hiccup.
+            raise ProviderRejected(f"{self.name}: status answer we cannot keep: {exc}") from None
         except MalformedCallback as exc:
             raise ProviderUnavailable(f"{self.name}: status answer not understood: {exc}") from None
         if snapshot.order_id is not None and snapshot.order_id != payment.order_id:
@@ -425,7 +431,7 @@ def _ref(data: Mapping[str, Any]) -> PaymentRef:
             "names no payment: no payment_request_id_client, payment_request_id or "
             "payment_id_coinbar"
         )
-    return ref
+    return checked_ref(ref)
 
 
 def _snapshot(data: Mapping[str, Any]) -> Snapshot:
@@ -437,7 +443,7 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
     if not isinstance(detail, Mapping):
         raise MalformedCallback("payment_detail is not an object")
     descr = data.get("status_descr")
-    return Snapshot(
+    snapshot = Snapshot(
         provider_status=status,
         order_id=_text(data.get("payment_request_id_client"), "payment_request_id_client")
         or _text(data.get("payment_request_id"), "payment_request_id"),
@@ -452,3 +458,4 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
         detail=descr if isinstance(descr, str) else "",
         raw=data,
     )
+    return checked_snapshot(snapshot)

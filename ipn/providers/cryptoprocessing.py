@@ -27,6 +27,7 @@ from ipn.providers.base import (
     PaymentRequest,
     Provider,
     Snapshot,
+    checked_snapshot,
     constant_time_equal,
     header,
     loads_json_object,
@@ -55,7 +56,7 @@ def signature(body: bytes, secret: str) -> str:
 
 
 class CryptoProcessing(Provider):
-    """CryptoProcessing by CoinsPaid: see /work/shared/providers/cryptoprocessing.md.
+    """CryptoProcessing by CoinsPaid: see ../shared/providers/cryptoprocessing.md.
 
     It has no status API for payment requests: a verified callback is the only evidence.
     """
@@ -190,7 +191,7 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
     asked = _object(data, "payment_request_amount")
     sent = _object(data, "currency_sent")
     address = _object(data, "payment_request_address")
-    return Snapshot(
+    snapshot = Snapshot(
         provider_status=status,
         order_id=_text(data.get("foreign_id"), "foreign_id"),
         provider_payment_id=_text(data.get("payment_request_id"), "payment_request_id"),
@@ -203,6 +204,7 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
         expires_at=_epoch(data.get("expires_at"), "expires_at"),
         raw=data,
     )
+    return checked_snapshot(snapshot)
 
 
 def _created(data: Mapping[str, Any], request: PaymentRequest) -> Snapshot:

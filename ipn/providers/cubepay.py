@@ -19,6 +19,7 @@ from ipn.errors import (
     PaymentNotFound,
     ProviderRejected,
     ProviderUnavailable,
+    UnstorableValue,
 )
 from ipn.providers.base import (
     Authenticity,
@@ -29,6 +30,8 @@ from ipn.providers.base import (
     PaymentRequest,
     Provider,
     Snapshot,
+    checked_ref,
+    checked_snapshot,
     constant_time_equal,
     header,
     loads_json_object,
@@ -190,7 +193,7 @@ class CubePay(Provider):
             if status is None:
                 raise MalformedCallback("the payment has no status")
             code = _code(status)
-            return Snapshot(
+            snapshot = Snapshot(
                 # An unknown status is kept as sent so that it is recorded and flagged.
                 provider_status=str(code) if code is not None else str(status),
                 order_id=_text(pay_info.get("merchant_transaction_id")),
@@ -205,6 +208,10 @@ class CubePay(Provider):
                 detail=_text(record.get("status_message")) or "",
                 raw=record,
             )
+            return checked_snapshot(snapshot)
+        except UnstorableValue as exc:
+            # Asking again gives the same answer: permanent, not a provider hiccup.
+            raise ProviderRejected(f"cubepay: {what} answered what we cannot keep: {exc}") from None
         except MalformedCallback as exc:
             raise ProviderUnavailable(
                 f"cubepay: {what} answered a payment we cannot read: {exc}"
@@ -349,7 +356,7 @@ def _ipn_ref(values: Mapping[str, Any]) -> PaymentRef:
     )
     if not ref:
         raise MalformedCallback("the IPN names no payment: no merchant_transaction_id and no id")
-    return ref
+    return checked_ref(ref, "the IPN")
 
 
 # Answers ---------------------------------------------------------------------------------------
