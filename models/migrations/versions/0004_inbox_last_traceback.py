@@ -1,7 +1,7 @@
 """inbox: the traceback of a notification's last failed attempt
 
 Revision ID: 0003_inbox
-Revises: 0002
+Revises: 0003_reconcile
 Create Date: 2026-12-01 22:35:00.000000
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 
 
 revision: str = '0003_inbox'
-down_revision: str | None = '0002'
+down_revision: str | None = '0003_reconcile'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
