@@ -48,7 +48,7 @@ class Sandbox:
         *,
         clock: Callable[[], datetime] = utc_now,
         receiver_url: str | None = None,
-        fault_delay: float = 5.0,
+        fault_delay: float = 15.0,
         delivery_timeout: float = 5.0,
         timings: Timings | None = None,
     ) -> None:
