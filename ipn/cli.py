@@ -14,6 +14,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ipn import replay as replays
@@ -57,7 +58,19 @@ def main() -> None:
         help="Webhook/IPN receiver and reconciliation worker for crypto payment providers.",
     )
     group = click.version_option(package_name="ipn-receiver", prog_name="ipn")(group)
-    group.main(prog_name="ipn")
+    try:
+        group.main(prog_name="ipn")
+    except DBAPIError as exc:
+        if not _no_schema(exc):
+            raise
+        click.echo("Error: the database has no tables yet: run `ipn db upgrade`", err=True)
+        sys.exit(1)
+
+
+def _no_schema(exc: DBAPIError) -> bool:
+    """A command run on a database that was never migrated (a fresh directory, before `ipn run`)."""
+    text = str(exc.orig)
+    return "no such table" in text or ('relation "' in text and "does not exist" in text)
 
 
 def _with_sandbox_profile(env: MutableMapping[str, str]) -> MutableMapping[str, str]:

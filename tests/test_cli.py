@@ -140,3 +140,18 @@ def test_anomaly_detail_is_its_sentence_or_its_evidence() -> None:
     bare = {"kind": "unknown_status", "evidence": {"provider_status": "7", "note": None}}
     assert anomaly_detail(bare) == "provider_status 7"
     assert anomaly_detail({"kind": "late_payment", "evidence": {}}) == "late payment"
+
+
+def test_a_command_before_any_migration_says_what_to_run(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [IPN, "payments", "show", "A1"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "Error: the database has no tables yet: run `ipn db upgrade`"
+    ]
