@@ -485,6 +485,10 @@ def sandbox(ctx: click.Context, host: str, port: int) -> None:
         return
     from ipn.sandbox import serve
 
+    # A development server: where it listens and each call it answers are its output.
+    for name in ("werkzeug", "ipn.sandbox"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
     serve(host=host, port=port, settings=services().settings)
 
 
