@@ -117,6 +117,8 @@ class Sandbox:
             },
             "actions": list(ACTIONS),
             "fault_modes": list(MODES),
+            # How long a `timeout` fault holds its answer.
+            "timeout_fault_seconds": self.fault_delay,
             "now": wire.iso(self.clock(), millis=True),
         }
 

@@ -1137,8 +1137,8 @@ def test_timeout_fault_holds_past_the_receivers_read_timeout_by_default(
     recorder: Recorder,
 ) -> None:
     default = Settings(database_url="sqlite://")
-    sandbox = create_app(default, receiver_url=recorder.url).extensions["ipn_sandbox"]
-    assert sandbox.fault_delay > default.http.read_timeout
+    described = create_app(default, receiver_url=recorder.url).test_client().get("/sandbox/").json
+    assert described["timeout_fault_seconds"] > default.http.read_timeout
 
     settings = Settings.from_env({"IPN_HTTP_READ_TIMEOUT": "0.4"})
     app = create_app(settings, receiver_url=recorder.url)
