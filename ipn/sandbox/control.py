@@ -118,7 +118,7 @@ class Sandbox:
             "actions": list(ACTIONS),
             "fault_modes": list(MODES),
             # How long a `timeout` fault holds its answer.
-            "timeout_fault_seconds": self.fault_delay,
+            "timeout_fault_seconds": f"{self.fault_delay:g}",
             "now": wire.iso(self.clock(), millis=True),
         }
 

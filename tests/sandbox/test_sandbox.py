@@ -1138,7 +1138,7 @@ def test_timeout_fault_holds_past_the_receivers_read_timeout_by_default(
 ) -> None:
     default = Settings(database_url="sqlite://")
     described = create_app(default, receiver_url=recorder.url).test_client().get("/sandbox/").json
-    assert described["timeout_fault_seconds"] > default.http.read_timeout
+    assert float(described["timeout_fault_seconds"]) > default.http.read_timeout
 
     settings = Settings.from_env({"IPN_HTTP_READ_TIMEOUT": "0.4"})
     app = create_app(settings, receiver_url=recorder.url)
