@@ -16,6 +16,9 @@ import pytest
 import requests
 from test_cli import IPN, clean_env
 
+from ipn.runner import sandbox_settings
+from ipn.sandbox import SANDBOX_CREDENTIALS, profile
+
 from conftest import wait_for
 
 pytestmark = pytest.mark.worker
@@ -230,3 +233,32 @@ def test_a_taken_port_is_said_in_one_line_before_listening(tmp_path: Path) -> No
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
     assert f"port {port}" in lines[0] and "taken" in lines[0]
+
+
+def test_sandbox_settings_take_over_exported_ones_and_keep_an_exported_token() -> None:
+    exported = {"CUBEPAY_API_URL": "https://api.cubepay.io", "CUBEPAY_CLIENT_ID": "real"}
+    chosen = sandbox_settings(exported, "127.0.0.1", 8600, 8601)
+    assert chosen["CUBEPAY_API_URL"] == "http://127.0.0.1:8601"
+    assert chosen["CUBEPAY_CLIENT_ID"] == SANDBOX_CREDENTIALS["CUBEPAY_CLIENT_ID"]
+    assert chosen["IPN_PUBLIC_URL"] == "http://127.0.0.1:8600"
+    generated = chosen["IPN_API_TOKEN"]
+    assert (
+        len(generated) == 40
+        and generated != sandbox_settings({}, "127.0.0.1", 1, 2)["IPN_API_TOKEN"]
+    )
+    mine = sandbox_settings({"IPN_API_TOKEN": "mine"}, "127.0.0.1", 8600, 8601)
+    assert mine["IPN_API_TOKEN"] == "mine"
+
+
+def test_a_profile_applies_only_while_its_writer_lives(tmp_path: Path) -> None:
+    written = profile.write(tmp_path, {"IPN_API_TOKEN": "t0k", "X": "a b"}, os.getpid())
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert profile.read(tmp_path) == {"IPN_API_TOKEN": "t0k", "X": "a b"}
+    profile.remove(tmp_path, os.getpid() + 1)  # not its writer: left alone
+    assert profile.read(tmp_path) is not None
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    profile.write(tmp_path, {"IPN_API_TOKEN": "old"}, gone.pid)
+    assert profile.read(tmp_path) is None
+    profile.remove(tmp_path, gone.pid)
+    assert not written.exists()
