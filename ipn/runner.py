@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
@@ -20,6 +21,7 @@ STOP_GRACE_SECONDS = 10
 START_TIMEOUT_SECONDS = 60
 EVERY_INTERFACE = "0.0.0.0"  # noqa: S104 - `ipn run` receives callbacks from providers
 LOOPBACK = "127.0.0.1"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def commands(
@@ -143,7 +145,7 @@ def run_all(
             # supervisor's stop) reaches this process only, which stops each child exactly once
             # and then removes whatever its group left behind.
             processes[name] = subprocess.Popen(  # noqa: S603 - our own argv
-                argv, env=env, start_new_session=True
+                argv, env=env, start_new_session=True, preexec_fn=_end_with_parent
             )
         if sandbox:
             from ipn.sandbox import profile as profiles
@@ -175,6 +177,13 @@ def run_all(
             from ipn.sandbox import profile as profiles
 
             profiles.remove(settings.data_dir, os.getpid())
+
+
+def _end_with_parent() -> None:
+    """In each child before it starts: SIGTERM when this process dies without stopping it (a
+    SIGKILL to the group), so that its children never outlive it. Linux only."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def say(line: str) -> None:

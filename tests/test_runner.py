@@ -193,7 +193,7 @@ def test_walkthrough_second_terminal_reaches_the_sandbox(tmp_path: Path, runs: l
     assert gone.returncode != 0 and "no `ipn run --sandbox` is running" in gone.stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_a_signal_to_the_group_leaves_no_process_and_frees_the_port(
     tmp_path: Path, runs: list[Run], signum: int
 ) -> None:
@@ -209,7 +209,7 @@ def test_a_signal_to_the_group_leaves_no_process_and_frees_the_port(
         run.process.wait(timeout=60)
         wait_for(
             lambda family=family: not any(alive(pid) for pid in family),  # type: ignore[misc]
-            timeout=10,
+            timeout=30,
             message="every child to be gone",
         )
         wait_for(lambda: free(port), timeout=10, message=f"port {port} to be free")
