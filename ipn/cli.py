@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ipn import replay as replays
 from ipn import serialize
 from ipn.anomalies import resolve_anomaly
-from ipn.config import PROVIDERS, Settings
+from ipn.config import PROVIDERS, settings_or_exit
 from ipn.dispatch import enqueue
-from ipn.errors import ConfigurationError
 from ipn.services import Services
 from models import (
     Anomaly,
@@ -35,16 +38,18 @@ PAGE = 500
 
 def main() -> None:
     """Entry point of the `ipn` console script."""
-    try:
-        settings = Settings.from_env()
-    except ConfigurationError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+    # Command output goes to stdout; the library's INFO lines would only be in its way there.
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
     def load() -> Flask:
         from ipn import create_app
 
-        return create_app(settings)
+        # Read here, not before: `-e FILE` has been loaded into the environment by now.
+        return create_app(settings_or_exit(_with_sandbox_profile(os.environ)))
 
     group = FlaskGroup(
         name="ipn",
@@ -54,7 +59,31 @@ def main() -> None:
         load_dotenv=False,
         help="Webhook/IPN receiver and reconciliation worker for crypto payment providers.",
     )
-    group.main(prog_name="ipn")
+    group = click.version_option(package_name="ipn-receiver", prog_name="ipn")(group)
+    try:
+        group.main(prog_name="ipn")
+    except DBAPIError as exc:
+        if not _no_schema(exc):
+            raise
+        click.echo("Error: the database has no tables yet: run `ipn db upgrade`", err=True)
+        sys.exit(1)
+
+
+def _no_schema(exc: DBAPIError) -> bool:
+    """A command run on a database that was never migrated (a fresh directory, before `ipn run`)."""
+    text = str(exc.orig)
+    return "no such table" in text or ('relation "' in text and "does not exist" in text)
+
+
+def _with_sandbox_profile(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """The environment, with the settings of an `ipn run --sandbox` running on the same data
+    directory over it: the commands typed beside it reach its sandbox, token and database."""
+    from ipn.sandbox import profile
+
+    values = profile.read(Path(env.get("IPN_DATA_DIR", "").strip() or "."))
+    if values:
+        env.update(values)
+    return env
 
 
 def register(app: Flask) -> None:
@@ -290,9 +319,7 @@ def payments_show(reference: str, as_json: bool) -> None:
     if detail["anomalies"]:
         click.echo("anomalies:")
         for a in detail["anomalies"]:
-            click.echo(
-                f"  #{a['id']} {a['kind']} ({a['status']}): {a['evidence'].get('detail', '')}"
-            )
+            click.echo(f"  #{a['id']} {a['kind']} ({a['status']}): {anomaly_detail(a)}")
 
 
 # --- anomalies ------------------------------------------------------------------------------
@@ -322,7 +349,7 @@ def anomalies_list(status: str, as_json: bool) -> None:
             ("created_at", 27),
             ("detail", 0),
         ],
-        extra=lambda item: {"detail": item["evidence"].get("detail", "")},
+        extra=lambda item: {"detail": anomaly_detail(item)},
     )
 
 
@@ -450,33 +477,73 @@ def reconcile(provider: str | None, payment_ref: str | None) -> None:
     click.echo(f"reconciliation: {totals}")
 
 
-@click.command("sandbox")
+@click.group("sandbox", invoke_without_command=True)
 @with_appcontext
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8001, show_default=True)
-def sandbox(host: str, port: int) -> None:
-    """A local fake of the four providers' APIs that sends signed callbacks to this service."""
+@click.pass_context
+def sandbox(ctx: click.Context, host: str, port: int) -> None:
+    """A local fake of the four providers' APIs that sends signed callbacks to this service.
+
+    Without a subcommand it serves; `ipn sandbox env` prints the settings of the `ipn run
+    --sandbox` running here."""
+    if ctx.invoked_subcommand is not None:
+        return
     from ipn.sandbox import serve
 
+    # A development server: where it listens and each call it answers are its output.
+    for name in ("werkzeug", "ipn.sandbox"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
     serve(host=host, port=port, settings=services().settings)
+
+
+@sandbox.command("env")
+def sandbox_env() -> None:
+    """The running sandbox's settings as shell exports: `eval "$(ipn sandbox env)"`."""
+    from ipn.sandbox import profile
+
+    data_dir = services().settings.data_dir
+    values = profile.read(data_dir)
+    if values is None:
+        raise click.ClickException(
+            f"no `ipn run --sandbox` is running on {data_dir.resolve()}; start one first"
+        )
+    click.echo(profile.shell_exports(values), nl=False)
 
 
 @click.command("run")
 @with_appcontext
 @click.option("--port", type=click.IntRange(1, 65535), help="Default: $PORT or 8000.")
 @click.option(
+    "--host",
+    help="Where to listen. Default: 127.0.0.1 with --sandbox, else every interface (0.0.0.0).",
+)
+@click.option(
     "--sandbox",
     is_flag=True,
-    help="Also start the provider sandbox and point every provider at it.",
+    help="Also start the provider sandbox (on port + 1) and point every provider at it.",
 )
-def run(port: int | None, sandbox: bool) -> None:
+def run(port: int | None, host: str | None, sandbox: bool) -> None:
     """Web, worker and scheduler together (the embedded default needs no other server)."""
     from ipn.runner import run_all
 
-    sys.exit(run_all(services().settings, port=port, sandbox=sandbox))
+    sys.exit(run_all(services().settings, port=port, host=host, sandbox=sandbox))
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def anomaly_detail(anomaly: dict[str, Any]) -> str:
+    """What the anomaly says in words; its evidence spelled out where it carries no sentence."""
+    evidence = anomaly.get("evidence") or {}
+    if not isinstance(evidence, dict):
+        return str(evidence)
+    detail = evidence.get("detail")
+    if isinstance(detail, str) and detail.strip():
+        return detail.strip()
+    facts = [f"{key} {value}" for key, value in evidence.items() if value not in (None, "", [], {})]
+    return "; ".join(facts) or str(anomaly.get("kind", "")).replace("_", " ")
 
 
 def _payment_by_reference(session: Session, reference: str) -> Payment:

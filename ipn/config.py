@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -40,6 +41,10 @@ class CubePaySettings:
     def configured(self) -> bool:
         return bool(self.client_id and self.client_secret)
 
+    def missing(self) -> list[str]:
+        """The variables still to set before this provider is configured."""
+        return _unset(CUBEPAY_CLIENT_ID=self.client_id, CUBEPAY_CLIENT_SECRET=self.client_secret)
+
 
 @dataclass(frozen=True)
 class BitcoinPaygateSettings:
@@ -52,6 +57,13 @@ class BitcoinPaygateSettings:
     @property
     def configured(self) -> bool:
         return bool(self.api_key_name and self.api_key_secret)
+
+    def missing(self) -> list[str]:
+        """The variables still to set before this provider is configured."""
+        return _unset(
+            BITCOINPAYGATE_API_KEY_NAME=self.api_key_name,
+            BITCOINPAYGATE_API_KEY_SECRET=self.api_key_secret,
+        )
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,13 @@ class CoinbarPaySettings:
     def configured(self) -> bool:
         return bool(self.service_client_id and self.secret_key)
 
+    def missing(self) -> list[str]:
+        """The variables still to set before this provider is configured."""
+        return _unset(
+            COINBARPAY_SERVICE_CLIENT_ID=self.service_client_id,
+            COINBARPAY_SECRET_KEY=self.secret_key,
+        )
+
     @property
     def legacy_tokens(self) -> bool:
         return bool(self.token_api_key and self.token_secret)
@@ -88,6 +107,14 @@ class CryptoProcessingSettings:
     @property
     def configured(self) -> bool:
         return bool(self.api_key and self.secret)
+
+    def missing(self) -> list[str]:
+        """The variables still to set before this provider is configured."""
+        return _unset(CRYPTOPROCESSING_API_KEY=self.api_key, CRYPTOPROCESSING_SECRET=self.secret)
+
+
+def _unset(**values: str | None) -> list[str]:
+    return [name for name, value in values.items() if not value]
 
 
 ProviderSettings = (
@@ -263,6 +290,16 @@ class Settings:
             raise ConfigurationError(
                 "IPN_TASK_RETRY_BACKOFF_MAX must be shorter than IPN_VISIBILITY_TIMEOUT"
             )
+
+
+def settings_or_exit(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings for a process's entry point: bad configuration stops it with one line on stderr
+    naming the variable, instead of a traceback from deep inside a server's start-up."""
+    try:
+        return Settings.from_env(env)
+    except ConfigurationError as exc:
+        print(f"ipn: configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 class _EnvReader:

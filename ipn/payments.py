@@ -86,7 +86,10 @@ def create_payment(services: Services, request: CreateRequest) -> tuple[Payment,
     InvalidPaymentRequest (nothing sent) and ProviderError (nothing recorded)."""
     provider = services.provider(request.provider)
     if not provider.configured:
-        raise InvalidPaymentRequest("provider", f"{provider.name} is not configured")
+        raise InvalidPaymentRequest(
+            "provider",
+            f"{provider.name} is not configured: set {' and '.join(provider.settings.missing())}",
+        )
     with order_lock(services, request.provider, request.order_id):
         existing = _find(services, request.provider, request.order_id)
         if existing is not None:

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get(
     "IPN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-REDIS_URL = os.environ.get("IPN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Not database 0, which a developer's own `ipn run` on the same Redis may be using.
+REDIS_URL = os.environ.get("IPN_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 REQUIRE_SERVICES = os.environ.get("IPN_TEST_REQUIRE_SERVICES") == "1"
 PROVIDER_URL = "http://provider.test"
 
@@ -130,6 +131,7 @@ def backend(
         except redis.RedisError as exc:
             unavailable("Redis", exc)
         env["REDIS_URL"] = REDIS_URL
+        cleanups.append(lambda: _drop_redis_keys(REDIS_URL, env["IPN_QUEUE"]))
     db = Database(env["DATABASE_URL"])
     migrate.upgrade(db)
     backend = Backend(request.param, env, db, tmp, cleanups)
@@ -137,6 +139,18 @@ def backend(
     db.engine.dispose()
     for cleanup in cleanups:
         cleanup()
+
+
+def _drop_redis_keys(url: str, queue: str) -> None:
+    """The session's queues and kombu's bindings for them: every key naming its queue (the
+    queues of the tests that make their own start with it)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        keys = list(client.scan_iter(match=f"*{queue}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def clean(db: Database) -> None:

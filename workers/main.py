@@ -1,7 +1,8 @@
 """Entry module for `celery -A workers.main worker|beat`: builds the app, nothing else."""
 
 from ipn import create_app
+from ipn.config import settings_or_exit
 
 # Not named `app`: Celery's -A would take that for its own app.
-flask_app = create_app()
+flask_app = create_app(settings_or_exit())
 celery = flask_app.extensions["celery"]

@@ -25,7 +25,7 @@ def create_app(
     *,
     clock: Callable[[], datetime] | None = None,
     receiver_url: str | None = None,
-    fault_delay: float = 5.0,
+    fault_delay: float | None = None,
     delivery_timeout: float = 5.0,
     bitcoinpaygate_expiry: timedelta = timedelta(minutes=15),
     coinbarpay_timeout: timedelta | None = None,
@@ -34,8 +34,12 @@ def create_app(
 
     `receiver_url` (default IPN_PUBLIC_URL) is where CoinbarPay and CryptoProcessing callbacks go;
     CubePay and BitcoinPaygate send theirs to the URLs named in each create request.
+    `fault_delay` is how long a `timeout` fault holds its answer: by default past the read
+    timeout the settings give the receiver, so that the receiver really times out.
     """
     settings = settings or Settings.from_env()
+    if fault_delay is None:
+        fault_delay = timeout_fault_delay(settings)
     sandbox = Sandbox(
         settings,
         clock=clock or utc_now,
@@ -59,6 +63,11 @@ def create_app(
             )
     app.register_blueprint(bp)
     return app
+
+
+def timeout_fault_delay(settings: Settings) -> float:
+    """Longer than the receiver's read timeout, with room for its clock and the scheduler."""
+    return settings.http.read_timeout * 1.5 + 2
 
 
 def serve(

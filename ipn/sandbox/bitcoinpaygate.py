@@ -35,16 +35,30 @@ class BitcoinPaygate(FakeProvider):
     reports_late_funds = True
 
     def routes(self) -> list[Route]:
-        return [
-            Route("/v2/payments/new", ("POST",), "bitcoinpaygate_create", self.create),
-            Route(
-                "/v2/payments/notify/<payment_id>",
-                ("GET",),
-                "bitcoinpaygate_resend",
-                self.resend,
-            ),
-            Route("/v2/payments/<payment_id>", ("GET",), "bitcoinpaygate_status", self.status),
-        ]
+        # The docs name the paths `/v2/...`; the official client puts them under `.../api/v2/`.
+        routes = []
+        for prefix, suffix in (("", ""), ("/api", "_api")):
+            routes += [
+                Route(
+                    f"{prefix}/v2/payments/new",
+                    ("POST",),
+                    f"bitcoinpaygate_create{suffix}",
+                    self.create,
+                ),
+                Route(
+                    f"{prefix}/v2/payments/notify/<payment_id>",
+                    ("GET",),
+                    f"bitcoinpaygate_resend{suffix}",
+                    self.resend,
+                ),
+                Route(
+                    f"{prefix}/v2/payments/<payment_id>",
+                    ("GET",),
+                    f"bitcoinpaygate_status{suffix}",
+                    self.status,
+                ),
+            ]
+        return routes
 
     def error(self, status: int, *messages: str) -> Answer:
         headers = (("WWW-Authenticate", 'Basic realm="bitcoinpaygate"'),) if status == 401 else ()

@@ -48,7 +48,7 @@ class Sandbox:
         *,
         clock: Callable[[], datetime] = utc_now,
         receiver_url: str | None = None,
-        fault_delay: float = 5.0,
+        fault_delay: float = 15.0,
         delivery_timeout: float = 5.0,
         timings: Timings | None = None,
     ) -> None:
@@ -117,6 +117,8 @@ class Sandbox:
             },
             "actions": list(ACTIONS),
             "fault_modes": list(MODES),
+            # How long a `timeout` fault holds its answer.
+            "timeout_fault_seconds": f"{self.fault_delay:g}",
             "now": wire.iso(self.clock(), millis=True),
         }
 

@@ -1,4 +1,5 @@
-"""Fake CubePay: signed form calls, `payment/coin` and `payment/query` answers, the success IPN."""
+"""Fake CubePay: signed form calls, the `currency`, `payment`, `payment/coin` and `payment/query`
+answers, the success IPN."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ class CubePay(FakeProvider):
 
     def routes(self) -> list[Route]:
         return [
+            Route("/currency/coin", ("POST",), "cubepay_coins", self.coins),
+            Route("/currency/fiat", ("POST",), "cubepay_fiats", self.fiats),
+            Route("/payment", ("POST",), "cubepay_payment_page", self.payment_page),
             Route("/payment/coin", ("POST",), "cubepay_create", self.create),
             Route("/payment/query", ("POST",), "cubepay_query", self.query),
         ]
@@ -70,8 +74,35 @@ class CubePay(FakeProvider):
 
     # -- API ----------------------------------------------------------------------------------
 
-    def create(self, call: Incoming) -> Answer:
+    def coins(self, call: Incoming) -> Answer:
+        """The coins a payment can be made in (the SDK's `get_coin`)."""
+        self._authenticated(call)
+        return Answer.json(200, {"status": 200, "data": self._currency_list(coins=True)})
+
+    def fiats(self, call: Incoming) -> Answer:
+        """The fiat currencies a list price can be in (the SDK's `get_fiat`)."""
+        self._authenticated(call)
+        return Answer.json(200, {"status": 200, "data": self._currency_list(coins=False)})
+
+    def payment_page(self, call: Incoming) -> Answer:
+        """The hosted page (the SDK's `do_payment`): `data` is its URL. [D] The sandbox's page has
+        already chosen the first coin it offers, so the payment exists at once and the control
+        API moves it as any other."""
         fields = self._authenticated(call)
+        if fields.get("coin_id"):
+            raise self.refuse(400, "coin_id is not a field of payment; use payment/coin")
+        coins = self._currency_list(coins=True)
+        if not coins:
+            raise self.refuse(400, "no coin is available")
+        created = self._create(call, {**fields, "coin_id": str(coins[0]["id"])})
+        return Answer.json(200, {"status": 200, "data": created["pay_url"]})
+
+    def create(self, call: Incoming) -> Answer:
+        created = self._create(call, self._authenticated(call))
+        return Answer.json(200, {"status": 200, "data": created})
+
+    def _create(self, call: Incoming, fields: dict[str, str]) -> dict[str, Any]:
+        """Create the payment and answer its wire view."""
         for name in (
             "coin_id",
             "source_coin_id",
@@ -110,7 +141,7 @@ class CubePay(FakeProvider):
         with self.ledger.lock:
             self.ledger.add(payment)
             payment.move(INIT, now, "create")
-            return Answer.json(200, {"status": 200, "data": self.wire_view(payment, now)})
+            return self.wire_view(payment, now)
 
     def query(self, call: Incoming) -> Answer:
         fields = self._authenticated(call)
@@ -136,6 +167,16 @@ class CubePay(FakeProvider):
         if not same(fields.get("sign"), expected, ignore_case=True):
             raise self.refuse(401, "sign is not valid")
         return fields
+
+    def _currency_list(self, *, coins: bool) -> list[dict[str, Any]]:
+        listed = []
+        for number, code in sorted(self.symbols.items()):
+            if not market.known(code) or (number < FIRST_FIAT_ID) != coins:
+                continue
+            if coins != market.is_coin(code):
+                continue
+            listed.append({"id": number, "name": market.display_name(code), "symbol": code})
+        return listed
 
     def _currency(self, raw: str, what: str, *, coins_only: bool) -> str:
         code = self.symbols.get(int(raw)) if raw.isdigit() else None

@@ -1054,3 +1054,109 @@ def _is_json(data: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+# -- the routes the official SDKs call --------------------------------------------------------
+
+
+def cubepay_call(client: FlaskClient, path: str, **fields: str) -> Any:
+    pairs = [("client_id", CREDS["CUBEPAY_CLIENT_ID"]), *fields.items()]
+    pairs.append(("sign", cubepay_sign(pairs, CREDS["CUBEPAY_CLIENT_SECRET"])))
+    response = client.post(
+        path, data=urlencode(pairs), content_type="application/x-www-form-urlencoded"
+    )
+    return response.status_code, parse(response.data)
+
+
+def test_cubepay_currency_lists_and_hosted_payment_page_as_the_sdk_calls_them(
+    client: FlaskClient, recorder: Recorder
+) -> None:
+    status, coins = cubepay_call(client, "/currency/coin")
+    assert status == 200 and coins["status"] == 200
+    assert {"id": 2, "name": "Bitcoin", "symbol": "BTC"} in coins["data"]
+    assert all(c["id"] < 300 for c in coins["data"])
+    status, fiats = cubepay_call(client, "/currency/fiat")
+    assert status == 200
+    assert {f["symbol"] for f in fiats["data"]} >= {"USD", "TWD"}
+    assert all(f["id"] >= 300 for f in fiats["data"])
+    # A wrong sign is refused as on every other call.
+    forged = client.post(
+        "/currency/coin",
+        data=urlencode([("client_id", CREDS["CUBEPAY_CLIENT_ID"]), ("sign", "0" * 64)]),
+        content_type="application/x-www-form-urlencoded",
+    )
+    assert forged.status_code == 401
+
+    status, page = cubepay_call(
+        client,
+        "/payment",
+        source_coin_id="447",
+        source_amount="100",
+        item_name="Test Item Name",
+        merchant_transaction_id="page-1",
+        ipn_url=f"{recorder.url}/ipn/cubepay",
+    )
+    assert status == 200 and isinstance(page["data"], str)
+    assert page["data"].startswith("http://localhost/sandbox/payments/cubepay/C")
+    # The page's payment is a payment like any other: queried by the merchant's id, moved.
+    queried = cubepay_query(client, merchant_transaction_id="page-1")
+    assert queried["status"] == 0 and queried["pay_info"]["source_amount"] == Decimal(100)
+    assert client.post("/sandbox/payments/cubepay/page-1/pay").status_code == 200
+    assert cubepay_query(client, merchant_transaction_id="page-1")["status"] == 2
+
+
+def test_bitcoinpaygate_answers_under_api_v2_as_its_official_client_calls_it(
+    client: FlaskClient, recorder: Recorder
+) -> None:
+    body = compact(
+        {
+            "amount": "10.00",
+            "currency": "USD",
+            "notificationUrl": f"{recorder.url}/ipn/bitcoinpaygate/notification",
+            "message": "cookies",
+            "merchantTransactionId": "api-1",
+        }
+    )
+    created = client.post(
+        "/api/v2/payments/new", data=body, headers=bpg_auth(), content_type="application/json"
+    )
+    assert created.status_code == 200, created.data
+    payment_id = parse(created.data)["paymentId"]
+    status = client.get(f"/api/v2/payments/{payment_id}", headers=bpg_auth())
+    assert status.status_code == 200 and parse(status.data)["status"] == "NEW"
+    assert client.get(f"/api/v2/payments/{payment_id}").status_code == 401
+    assert bpg_status(client, payment_id)["merchantTransactionId"] == "api-1"
+    resend = client.get(f"/api/v2/payments/notify/{payment_id}", headers=bpg_auth())
+    assert resend.status_code == 200
+
+
+# -- the timeout fault -----------------------------------------------------------------------
+
+
+def test_timeout_fault_holds_past_the_receivers_read_timeout_by_default(
+    recorder: Recorder,
+) -> None:
+    default = Settings(database_url="sqlite://")
+    described = create_app(default, receiver_url=recorder.url).test_client().get("/sandbox/").json
+    assert float(described["timeout_fault_seconds"]) > default.http.read_timeout
+
+    settings = Settings.from_env({"IPN_HTTP_READ_TIMEOUT": "0.4"})
+    app = create_app(settings, receiver_url=recorder.url)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        requests.post(f"{base}/sandbox/faults", json={"provider": "cubepay", "mode": "timeout"})
+        pairs = [("client_id", CREDS["CUBEPAY_CLIENT_ID"]), ("id", "C1")]
+        pairs.append(("sign", cubepay_sign(pairs, CREDS["CUBEPAY_CLIENT_SECRET"])))
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(
+                f"{base}/payment/query",
+                data=urlencode(pairs),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+                timeout=(1, settings.http.read_timeout),
+            )
+        assert time.monotonic() - started < 3
+    finally:
+        server.shutdown()
