@@ -186,3 +186,20 @@ def test_a_broker_that_refuses_loses_nothing(settings: Settings) -> None:
     assert (dispatcher.sent, dispatcher.failed) == (0, 5)
     assert count_notifications(app.extensions["ipn"].db, NotificationStatus.RECEIVED) == 5
     app.extensions["ipn"].db.engine.dispose()
+
+
+def test_a_body_shorter_than_its_declared_length_is_not_stored(
+    client: FlaskClient, services: Services
+) -> None:
+    """A server that hands over what arrived before the client hung up (gunicorn does):
+    10 bytes of a declared 1000 are refused, not stored."""
+    builder = EnvironBuilder(
+        path="/ipn/cubepay", method="POST", headers=FORM, input_stream=io.BytesIO(CUBEPAY_IPN[:10])
+    )
+    environ = builder.get_environ()
+    environ["CONTENT_LENGTH"] = "1000"
+    environ["wsgi.input_terminated"] = True
+    answer, status, _ = run_wsgi_app(client.application, environ)
+    assert status.startswith("400")
+    assert b"success" not in b"".join(answer)
+    assert count_notifications(services.db) == 0
