@@ -1,0 +1,18 @@
+"""Gunicorn settings of the web process (`gunicorn --config python:ipn.gunicorn_config`).
+
+gevent workers: each connection waits in a greenlet of its own, so clients that send their
+request slowly hold only themselves, not the threads a provider's callback needs (with
+`gthread`, 16 slow connections held every request thread and `/healthz` stopped answering).
+psycopg 3 sees gevent's patched `select` and waits cooperatively; redis-py, the SQLAlchemy pool
+and the dispatch thread of ipn.dispatch run on patched sockets, locks and queues. Nothing here
+imports the application: gunicorn patches the standard library in each worker before loading it.
+"""
+
+import os
+
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Connections each worker keeps at once, slow or not; beyond it they wait in the listen backlog.
+worker_connections = 1000
+# A keep-alive connection that sends nothing more is closed after this many seconds.
+keepalive = 5
