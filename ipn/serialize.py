@@ -54,14 +54,23 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     text = text.strip()
     if match := RELATIVE.match(text):
         amount, unit = match.groups()
-        return (now or datetime.now(UTC)) - timedelta(**{UNITS[unit]: int(amount)})
+        try:
+            return (now or datetime.now(UTC)) - timedelta(**{UNITS[unit]: int(amount)})
+        except (OverflowError, ValueError):
+            raise ValueError(f"{text!r} reaches before the year 1") from None
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
             f"{text!r} is not a time: use ISO 8601 (2026-11-21T10:00:00Z) or an age (30m, 6h, 2d)"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if not parsed.tzinfo:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        # In UTC now, so that a time at the edge of the calendar fails here, not in the query.
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
 
 
 def payment(p: Payment) -> dict[str, Any]:
