@@ -62,4 +62,6 @@ for _path, (_provider, _kind) in ENDPOINTS.items():
         endpoint=f"{_provider}_{_kind}",
         view_func=lambda provider=_provider, kind=_kind: receive(provider, kind),
         methods=["POST"],
+        # Providers only POST (CONTRACT): OPTIONS is refused like any other method.
+        provide_automatic_options=False,
     )

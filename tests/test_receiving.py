@@ -203,3 +203,13 @@ def test_a_body_shorter_than_its_declared_length_is_not_stored(
     assert status.startswith("400")
     assert b"success" not in b"".join(answer)
     assert count_notifications(services.db) == 0
+
+
+@pytest.mark.parametrize("path", sorted(ENDPOINTS))
+def test_options_on_a_callback_endpoint_is_405(
+    client: FlaskClient, services: Services, path: str
+) -> None:
+    response = client.options(f"/ipn{path}")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+    assert count_notifications(services.db) == 0
