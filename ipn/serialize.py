@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session
 from ipn.currencies import decimals
 from models import Anomaly, Notification, NotificationReplay, Payment, PaymentEvent
 
-# Headers whose values are secrets: shown masked, kept whole on the row for replays.
-SECRET_HEADER = re.compile(r"authorization|cookie|secret|token|processing-key|api-key", re.I)
+# Headers whose values may be secrets, by any name a provider or proxy gives them (X-Apikey,
+# X-Password, X-BPG-Signature, Proxy-Authorization, ...): shown masked, kept whole on the row
+# for replays. A false positive only hides a harmless value from the operator.
+SECRET_HEADER = re.compile(r"key|secret|token|passw|signature|auth|cookie|session", re.I)
 
 
 # Amounts in currencies with at most this many decimals show all of them (10.00 USD).
