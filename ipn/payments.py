@@ -24,9 +24,12 @@ from ipn.providers.base import PaymentRef, PaymentRequest, Snapshot
 from ipn.services import Services
 from ipn.transitions import Evidence, apply_snapshot
 from models import EventSource, Payment, PaymentEvent, PaymentStatus, utcnow
+from models.base import MONEY_PRECISION, MONEY_SCALE
 
 MAX_ORDER_ID = 255
-MAX_DIGITS = 30
+# What the money columns keep, NUMERIC(48, 24): at most 24 digits before the point. A larger
+# amount must be refused before the provider is asked to create it, not when it is recorded.
+MAX_INTEGER_DIGITS = MONEY_PRECISION - MONEY_SCALE
 # Providers whose status API finds a payment by our order id: a retried create asks first.
 LOOKUP_BY_ORDER_ID = frozenset({"cubepay", "coinbarpay"})
 
@@ -261,6 +264,8 @@ def _amount(value: Any, places: int) -> Decimal:
     assert isinstance(exponent, int)
     if -exponent > places:
         raise InvalidPaymentRequest("amount", f"has more than {places} decimals")
-    if len(amount.as_tuple().digits) > MAX_DIGITS:
-        raise InvalidPaymentRequest("amount", "is too large")
+    if amount.adjusted() >= MAX_INTEGER_DIGITS:
+        raise InvalidPaymentRequest(
+            "amount", f"is too large: at most {MAX_INTEGER_DIGITS} digits before the point"
+        )
     return amount
