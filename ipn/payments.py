@@ -27,6 +27,7 @@ from models import EventSource, Payment, PaymentEvent, PaymentStatus, utcnow
 from models.base import MONEY_PRECISION, MONEY_SCALE
 
 MAX_ORDER_ID = 255
+MAX_TEXT = 1000
 # What the money columns keep, NUMERIC(48, 24): at most 24 digits before the point. A larger
 # amount must be refused before the provider is asked to create it, not when it is recorded.
 MAX_INTEGER_DIGITS = MONEY_PRECISION - MONEY_SCALE
@@ -244,7 +245,21 @@ def _text(data: Mapping[str, Any], field: str, *, required: bool = False) -> Any
         return None
     if not isinstance(value, str):
         raise InvalidPaymentRequest(field, "must be a string")
+    if len(value) > MAX_TEXT:
+        raise InvalidPaymentRequest(field, f"must be at most {MAX_TEXT} characters")
+    # Neither can be stored (PostgreSQL refuses NUL, UTF-8 has no lone surrogates): refuse them
+    # before the provider is asked, not when the payment it created is recorded.
+    if "\x00" in value or not _encodable(value):
+        raise InvalidPaymentRequest(field, "must not contain NUL bytes or lone surrogates")
     return value.strip()
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _amount(value: Any, places: int) -> Decimal:

@@ -224,6 +224,13 @@ def test_cryptoprocessing_create_signs_the_exact_bytes(
         ({"provider": "cubepay", "amount": "1000000000000000000000000.00"}, 422, "amount"),
         ({"provider": "cubepay", "amount": "1e9999999999999999999"}, 422, "amount"),
         ({"provider": "cubepay", "amount": "Infinity"}, 422, "amount"),
+        # Text the database cannot keep is refused before the provider creates anything.
+        ({"provider": "cubepay", "description": "a\x00b"}, 422, "description"),
+        ({"provider": "cubepay", "description": "\ud800"}, 422, "description"),
+        ({"provider": "cubepay", "description": "x" * 5000}, 422, "description"),
+        ({"provider": "cubepay", "customer_email": "a@b\x00"}, 422, "customer_email"),
+        ({"provider": "cubepay", "pay_currency": "BTC\x00"}, 422, "pay_currency"),
+        ({"provider": "cubepay", "currency": "\ud800"}, 422, "currency"),
         ({"provider": "cubepay", "order_id": ""}, 422, "order_id"),
         ({"provider": "cubepay", "order_id": 42}, 422, "order_id"),
         ({"provider": "cubepay", "currency": "XYZ"}, 422, "currency"),
