@@ -16,3 +16,17 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_connections = 1000
 # A keep-alive connection that sends nothing more is closed after this many seconds.
 keepalive = 5
+
+
+def on_starting(server: object) -> None:
+    """Refuse bad settings in one line before any worker starts, instead of a traceback from
+    every worker that tries to load the application."""
+    import sys
+
+    from ipn.config import Settings
+    from ipn.errors import ConfigurationError
+
+    try:
+        Settings.from_env()
+    except ConfigurationError as exc:
+        sys.exit(f"web: {exc}")

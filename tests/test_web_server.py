@@ -122,6 +122,35 @@ def web(web_server: WebProcess, backend: Backend) -> WebProcess:
     return web_server
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"), [("IPN_MAX_BODY_BYTES", "lots"), ("DATABASE_URL", "mysql://db/ipn")]
+)
+def test_bad_settings_stop_the_web_process_with_one_line(
+    backend: Backend, variable: str, value: str
+) -> None:
+    env = {
+        **os.environ,
+        **backend.env,
+        variable: value,
+        "PORT": str(free_port()),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    result = subprocess.run(
+        ["bash", "-c", f"exec {procfile_web_command()}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip().splitlines()
+    # gunicorn's own start line, then ours.
+    assert len(output) <= 2, output
+    assert variable in output[-1] and "Traceback" not in result.stderr
+
+
 class SlowClients:
     """Connections that send a request one byte at a time: half of them still in their
     headers, half with headers done and a declared body that trickles in."""
