@@ -83,9 +83,12 @@ def web_server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> It
     for the module, since it takes a while to start."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("web") / "web.log"
+    # A queue of its own: what this server enqueues must not reach another test's worker.
+    queue = unique_queue(backend.env["IPN_QUEUE"])
     env = {
         **os.environ,
         **backend.env,
+        "IPN_QUEUE": queue,
         "PORT": str(port),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -114,6 +117,7 @@ def web_server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> It
         yield server
     finally:
         server.stop()
+        forget_queue(backend.env.get("REDIS_URL"), queue)
 
 
 @pytest.fixture
