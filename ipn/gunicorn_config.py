@@ -14,7 +14,9 @@ worker_class = "gevent"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Connections each worker keeps at once, slow or not; beyond it they wait in the listen backlog.
 worker_connections = 1000
-# A keep-alive connection that sends nothing more is closed after this many seconds.
+# Seconds a connection may take to send each request's headers, the first one included
+# (gunicorn's async workers read them under this timeout), and to start its next request on a
+# keep-alive connection: a client that trickles its headers is closed after it.
 keepalive = 5
 
 

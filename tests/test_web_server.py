@@ -217,6 +217,34 @@ def test_slow_clients_do_not_keep_a_callback_from_its_answer(
     assert "Traceback" not in web.log_path.read_text()
 
 
+def test_a_client_that_trickles_its_headers_is_closed(web: WebProcess) -> None:
+    """The server bounds the time the headers take (ipn.gunicorn_config.keepalive), so such a
+    connection does not wait for ever even under the connection cap."""
+    from ipn import gunicorn_config
+
+    sock = socket.create_connection(("127.0.0.1", web.port), timeout=1)
+    started = time.monotonic()
+    headers = b"POST /ipn/cubepay HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"y" * 1000
+    closed = False
+    try:
+        for byte in headers:
+            sock.sendall(bytes([byte]))
+            try:
+                if sock.recv(1024) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            if time.monotonic() - started > gunicorn_config.keepalive + 10:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        closed = True
+    finally:
+        sock.close()
+    assert closed
+    assert time.monotonic() - started < gunicorn_config.keepalive + 5
+
+
 def aborted_upload(port: int, framing: str, sent: bytes, *, half_close: bool) -> bytes:
     """Declare 1000 bytes (or start a chunked body), send `sent`, then stop sending (half
     close) or hang up; the server's answer, if any."""
