@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
@@ -32,6 +33,11 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+# Row ids are 64-bit signed integers on PostgreSQL; a larger number names no row.
+MAX_ROW_ID = 2**63 - 1
+WHOLE_NUMBER = re.compile(r"[0-9]{1,19}")
+PAYMENT_ID = re.compile(r"pay_[0-9a-hjkmnp-tv-z]{26}")
+MAX_REFERENCE = 255
 
 
 class BadRequest(Exception):
@@ -51,11 +57,11 @@ def require_token() -> tuple[Response, int] | None:
     expected = _services().settings.api_token
     given = request.headers.get("Authorization", "")
     scheme, _, token = given.partition(" ")
-    # With no token configured the API is closed; the comparison is constant-time either way.
-    if (
-        not expected
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(token.strip().encode(), expected.encode())
+    if not expected:
+        return jsonify(error="the API is closed: IPN_API_TOKEN is not set on this server"), 401
+    # The comparison is constant-time whatever is given.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), expected.encode()
     ):
         return jsonify(error="missing or wrong bearer token"), 401
     return None
@@ -81,29 +87,32 @@ def create_payment() -> tuple[Response, int]:
 @bp.get("/payments")
 def list_payments() -> Response:
     query = select(Payment)
-    if order_id := request.args.get("order_id"):
+    if order_id := _text_arg("order_id"):
         query = query.where(Payment.order_id == order_id)
     if provider := request.args.get("provider"):
         query = query.where(Payment.provider == _provider(provider))
     if status := request.args.get("status"):
         query = query.where(Payment.status == _choice(PaymentStatus, status, "status"))
-    return _page(query, Payment.id, serialize.payment, cursor=request.args.get("cursor"))
+    cursor = _text_arg("cursor")
+    if cursor is not None and not PAYMENT_ID.fullmatch(cursor):
+        raise BadRequest(f"cursor: {cursor!r} is not the `next` of an earlier page")
+    return _page(query, Payment.id, serialize.payment, cursor=cursor)
 
 
-@bp.get("/payments/<payment_id>")
-def show_payment(payment_id: str) -> Response:
+@bp.get("/payments/<reference>")
+def show_payment(reference: str) -> Response:
     with _services().db.sessions() as session:
-        payment = session.get(Payment, payment_id)
-        if payment is None:
-            raise BadRequest(f"no payment {payment_id}", 404)
+        payment = _payment_by_reference(session, reference)
         return jsonify(serialize.payment_detail(session, payment))
 
 
-@bp.post("/payments/<payment_id>/reconcile")
-def reconcile_payment(payment_id: str) -> Response:
+@bp.post("/payments/<reference>/reconcile")
+def reconcile_payment(reference: str) -> Response:
     from ipn.reconcile import check_payment
 
     services = _services()
+    with services.db.sessions() as session:
+        payment_id = _payment_by_reference(session, reference).id
     check = check_payment(services, payment_id, force=True)
     if check.message == "no such payment":
         raise BadRequest(f"no payment {payment_id}", 404)
@@ -121,17 +130,17 @@ def reconcile_payment(payment_id: str) -> Response:
 @bp.get("/notifications")
 def list_notifications() -> Response:
     which = _replay_filter(request.args)
-    cursor = request.args.get("cursor")
     return _page(
         which.apply(select(Notification)),
         Notification.id,
         serialize.notification,
-        cursor=int(cursor) if cursor and cursor.isdigit() else None,
+        cursor=_row_id_arg("cursor"),
     )
 
 
-@bp.get("/notifications/<int:notification_id>")
-def show_notification(notification_id: int) -> Response:
+@bp.get("/notifications/<notification_ref>")
+def show_notification(notification_ref: str) -> Response:
+    notification_id = _row_id(notification_ref, "notification id")
     with _services().db.sessions() as session:
         row = session.get(Notification, notification_id)
         if row is None:
@@ -139,8 +148,9 @@ def show_notification(notification_id: int) -> Response:
         return jsonify(serialize.notification_detail(session, row))
 
 
-@bp.post("/notifications/<int:notification_id>/replay")
-def replay_one(notification_id: int) -> tuple[Response, int]:
+@bp.post("/notifications/<notification_ref>/replay")
+def replay_one(notification_ref: str) -> tuple[Response, int]:
+    notification_id = _row_id(notification_ref, "notification id")
     body = _json_body(optional=True)
     mode = _choice(ReplayMode, body.get("mode", "stored"), "mode")
     services = _services()
@@ -172,19 +182,14 @@ def list_anomalies() -> Response:
     query = select(Anomaly)
     if status := request.args.get("status"):
         query = query.where(Anomaly.status == _choice(AnomalyStatus, status, "status"))
-    if payment_id := request.args.get("payment_id"):
+    if payment_id := _text_arg("payment_id"):
         query = query.where(Anomaly.payment_id == payment_id)
-    cursor = request.args.get("cursor")
-    return _page(
-        query,
-        Anomaly.id,
-        serialize.anomaly,
-        cursor=int(cursor) if cursor and cursor.isdigit() else None,
-    )
+    return _page(query, Anomaly.id, serialize.anomaly, cursor=_row_id_arg("cursor"))
 
 
-@bp.post("/anomalies/<int:anomaly_id>/resolve")
-def resolve(anomaly_id: int) -> Response:
+@bp.post("/anomalies/<anomaly_ref>/resolve")
+def resolve(anomaly_ref: str) -> Response:
+    anomaly_id = _row_id(anomaly_ref, "anomaly id")
     resolution = _json_body().get("resolution")
     if not isinstance(resolution, str) or not resolution.strip():
         raise BadRequest("resolution: say what was done (a non-empty string)", 422)
@@ -210,7 +215,7 @@ def _send(notification_id: int) -> None:
 def _page(query: Any, key: Any, shape: Callable[[Any], dict[str, Any]], *, cursor: Any) -> Response:
     """Keyset pagination: `next` is the last key of this page, or null on the last page."""
     limit = request.args.get("limit", str(DEFAULT_LIMIT))
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
+    if not WHOLE_NUMBER.fullmatch(limit) or not 1 <= int(limit) <= MAX_LIMIT:
         raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}")
     size = int(limit)
     if cursor is not None:
@@ -245,8 +250,47 @@ def _choice(enum: Any, value: Any, name: str) -> Any:
         raise BadRequest(f"{name} must be one of {allowed}, not {value!r}") from None
 
 
-def _provider(value: str) -> str:
-    if value not in _services().providers:
+def _payment_by_reference(session: Any, reference: str) -> Payment:
+    """Our payment id, or the merchant's order id when it names one payment only."""
+    if "\x00" in reference or len(reference) > MAX_REFERENCE:
+        raise BadRequest(
+            f"payment: {reference!r} is neither a payment id nor an order id"
+            f" (at most {MAX_REFERENCE} characters, no NUL)"
+        )
+    payment = session.get(Payment, reference) if PAYMENT_ID.fullmatch(reference) else None
+    if payment is not None:
+        return payment
+    found = session.scalars(
+        select(Payment).where(Payment.order_id == reference).order_by(Payment.id)
+    ).all()
+    if len(found) > 1:
+        names = ", ".join(f"{p.provider} ({p.id})" for p in found)
+        raise BadRequest(f"order id {reference!r} is used at {names}: give the payment id", 409)
+    if not found:
+        raise BadRequest(f"no payment with id or order id {reference!r}", 404)
+    return found[0]
+
+
+def _text_arg(name: str) -> str | None:
+    value = request.args.get(name)
+    if value and "\x00" in value:
+        raise BadRequest(f"{name}: must not contain a NUL byte")
+    return value or None
+
+
+def _row_id(value: str, name: str) -> int:
+    if not WHOLE_NUMBER.fullmatch(value) or int(value) > MAX_ROW_ID:
+        raise BadRequest(f"{name}: {value!r} is not a whole number from 0 to {MAX_ROW_ID}")
+    return int(value)
+
+
+def _row_id_arg(name: str) -> int | None:
+    value = request.args.get(name)
+    return None if value is None or value == "" else _row_id(value, name)
+
+
+def _provider(value: Any) -> str:
+    if not isinstance(value, str) or value not in _services().providers:
         raise BadRequest(f"provider must be one of {', '.join(_services().providers)}")
     return value
 

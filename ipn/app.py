@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -44,12 +44,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     cli.register(app)
 
     @app.errorhandler(HTTPException)
-    def plain_http_error(error: HTTPException) -> Response:
-        # No HTML pages and never a stack trace: a short line a provider's log can show.
-        return Response(
-            f"{error.code} {error.name}: {error.description}\n",
-            status=error.code,
-            mimetype="text/plain",
-        )
+    def http_error(error: HTTPException) -> Response:
+        # No HTML pages and never a stack trace: JSON for API clients, elsewhere a short line
+        # a provider's log can show.
+        if request.path == "/api" or request.path.startswith("/api/"):
+            response = jsonify(error=f"{error.name}: {error.description}")
+        else:
+            response = Response(
+                f"{error.code} {error.name}: {error.description}\n", mimetype="text/plain"
+            )
+        response.status_code = error.code or 500
+        # Allow (405) and the like; the body's own Content-Type stays.
+        for name, value in error.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     return app

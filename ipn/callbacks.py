@@ -33,6 +33,10 @@ def receive(provider: str, kind: str) -> Response:
     # would otherwise cut a chunked body at the limit without a word, and store it truncated.
     if len(body) > services.settings.max_body_bytes:
         raise RequestEntityTooLarge()
+    # A server may hand over what arrived before the client hung up without a word: a body
+    # shorter than its declared length is a cut-off upload, never stored, never `success`.
+    if request.content_length is not None and len(body) < request.content_length:
+        return _incomplete(provider, kind)
     try:
         notification_id = store_callback(
             services.db, provider, kind, body, dict(request.headers), request.remote_addr
@@ -47,10 +51,17 @@ def receive(provider: str, kind: str) -> Response:
     return Response("success", status=200, mimetype="text/plain")
 
 
+def _incomplete(provider: str, kind: str) -> Response:
+    log.warning("%s %s callback cut short by the client; not stored", provider, kind)
+    return Response("incomplete body\n", status=400, mimetype="text/plain")
+
+
 for _path, (_provider, _kind) in ENDPOINTS.items():
     bp.add_url_rule(
         _path,
         endpoint=f"{_provider}_{_kind}",
         view_func=lambda provider=_provider, kind=_kind: receive(provider, kind),
         methods=["POST"],
+        # Providers only POST (CONTRACT): OPTIONS is refused like any other method.
+        provide_automatic_options=False,
     )

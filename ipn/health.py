@@ -39,4 +39,7 @@ def readyz() -> tuple[Response, int]:
 
 @bp.get("/metrics")
 def prometheus() -> Response:
-    return Response(metrics.render(current_app.extensions["ipn"].db), mimetype=CONTENT_TYPE_LATEST)
+    # content_type, not mimetype: CONTENT_TYPE_LATEST carries its charset already.
+    return Response(
+        metrics.render(current_app.extensions["ipn"].db), content_type=CONTENT_TYPE_LATEST
+    )

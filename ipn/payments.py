@@ -24,9 +24,13 @@ from ipn.providers.base import PaymentRef, PaymentRequest, Snapshot
 from ipn.services import Services
 from ipn.transitions import Evidence, apply_snapshot
 from models import EventSource, Payment, PaymentEvent, PaymentStatus, utcnow
+from models.base import MONEY_PRECISION, MONEY_SCALE
 
 MAX_ORDER_ID = 255
-MAX_DIGITS = 30
+MAX_TEXT = 1000
+# What the money columns keep, NUMERIC(48, 24): at most 24 digits before the point. A larger
+# amount must be refused before the provider is asked to create it, not when it is recorded.
+MAX_INTEGER_DIGITS = MONEY_PRECISION - MONEY_SCALE
 # Providers whose status API finds a payment by our order id: a retried create asks first.
 LOOKUP_BY_ORDER_ID = frozenset({"cubepay", "coinbarpay"})
 
@@ -244,7 +248,21 @@ def _text(data: Mapping[str, Any], field: str, *, required: bool = False) -> Any
         return None
     if not isinstance(value, str):
         raise InvalidPaymentRequest(field, "must be a string")
+    if len(value) > MAX_TEXT:
+        raise InvalidPaymentRequest(field, f"must be at most {MAX_TEXT} characters")
+    # Neither can be stored (PostgreSQL refuses NUL, UTF-8 has no lone surrogates): refuse them
+    # before the provider is asked, not when the payment it created is recorded.
+    if "\x00" in value or not _encodable(value):
+        raise InvalidPaymentRequest(field, "must not contain NUL bytes or lone surrogates")
     return value.strip()
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _amount(value: Any, places: int) -> Decimal:
@@ -264,6 +282,8 @@ def _amount(value: Any, places: int) -> Decimal:
     assert isinstance(exponent, int)
     if -exponent > places:
         raise InvalidPaymentRequest("amount", f"has more than {places} decimals")
-    if len(amount.as_tuple().digits) > MAX_DIGITS:
-        raise InvalidPaymentRequest("amount", "is too large")
+    if amount.adjusted() >= MAX_INTEGER_DIGITS:
+        raise InvalidPaymentRequest(
+            "amount", f"is too large: at most {MAX_INTEGER_DIGITS} digits before the point"
+        )
     return amount

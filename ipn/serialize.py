@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session
 from ipn.currencies import decimals
 from models import Anomaly, Notification, NotificationReplay, Payment, PaymentEvent
 
-# Headers whose values are secrets: shown masked, kept whole on the row for replays.
-SECRET_HEADER = re.compile(r"authorization|cookie|secret|token|processing-key|api-key", re.I)
+# Headers whose values may be secrets, by any name a provider or proxy gives them (X-Apikey,
+# X-Password, X-BPG-Signature, Proxy-Authorization, ...): shown masked, kept whole on the row
+# for replays. A false positive only hides a harmless value from the operator.
+SECRET_HEADER = re.compile(r"key|secret|token|passw|signature|auth|cookie|session", re.I)
 
 
 # Amounts in currencies with at most this many decimals show all of them (10.00 USD).
@@ -54,14 +56,23 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     text = text.strip()
     if match := RELATIVE.match(text):
         amount, unit = match.groups()
-        return (now or datetime.now(UTC)) - timedelta(**{UNITS[unit]: int(amount)})
+        try:
+            return (now or datetime.now(UTC)) - timedelta(**{UNITS[unit]: int(amount)})
+        except (OverflowError, ValueError):
+            raise ValueError(f"{text!r} reaches before the year 1") from None
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
             f"{text!r} is not a time: use ISO 8601 (2026-11-21T10:00:00Z) or an age (30m, 6h, 2d)"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if not parsed.tzinfo:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        # In UTC now, so that a time at the edge of the calendar fails here, not in the query.
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
 
 
 def payment(p: Payment) -> dict[str, Any]:

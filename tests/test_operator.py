@@ -317,3 +317,55 @@ def test_health_and_metrics_need_no_token(
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'ipn_notifications{provider="cryptoprocessing",status="processed"} 1.0' in metrics
     assert 'ipn_payments{provider="cryptoprocessing",status="paid"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("header", "masked"),
+    [
+        ("Authorization", True),
+        ("Proxy-Authorization", True),
+        ("X-Auth-Token", True),
+        ("X-Hub-Signature-256", True),
+        ("X-Password", True),
+        ("X-Apikey", True),
+        ("X-Api-Key", True),
+        ("Webhook-Auth", True),
+        ("X-Processing-Key", True),
+        ("X-Processing-Signature", True),
+        ("X-BPG-Signature", True),
+        ("X-Client-Secret", True),
+        ("X-Access-Token", True),
+        ("Content-Type", False),
+        ("User-Agent", False),
+        ("X-Forwarded-For", False),
+        ("Content-Length", False),
+    ],
+)
+def test_header_mask_covers_every_secret_name(
+    client: FlaskClient,
+    app: Flask,
+    services: Services,
+    api_headers: dict[str, str],
+    header: str,
+    masked: bool,
+) -> None:
+    client.post("/ipn/cubepay", data=b"x=1", headers={header: "s3cr3t-value"})
+    [notification_id] = app.extensions["ipn.dispatcher"].submitted
+    shown = client.get(f"/api/notifications/{notification_id}", headers=api_headers).get_json()
+    [value] = [v for name, v in shown["headers"].items() if name.lower() == header.lower()]
+    if header == "Content-Length":
+        assert value == "3"
+    else:
+        assert (value == "***") is masked, value
+    # The row keeps the value whole, for replays.
+    stored = {
+        name.lower(): v for name, v in notification(services.db, notification_id).headers.items()
+    }
+    assert stored[header.lower()] in ("s3cr3t-value", "3")
+
+
+def test_metrics_content_type_names_its_charset_once(client: FlaskClient) -> None:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].lower().count("charset") == 1
+    assert response.mimetype == "text/plain"

@@ -18,6 +18,7 @@ import requests
 import responses
 from flask.testing import FlaskClient
 
+from ipn.payments import parse_create_request
 from ipn.services import Services
 from models import EventSource, Payment, PaymentStatus
 
@@ -217,6 +218,19 @@ def test_cryptoprocessing_create_signs_the_exact_bytes(
         ({"provider": "cubepay", "amount": "10.001"}, 422, "amount"),
         ({"provider": "cubepay", "amount": "NaN"}, 422, "amount"),
         ({"provider": "cubepay", "amount": True}, 422, "amount"),
+        # The money column is NUMERIC(48, 24): 24 digits before the point at most.
+        ({"provider": "cubepay", "amount": "1e999"}, 422, "amount"),
+        ({"provider": "cubepay", "amount": "1e24"}, 422, "amount"),
+        ({"provider": "cubepay", "amount": "1000000000000000000000000.00"}, 422, "amount"),
+        ({"provider": "cubepay", "amount": "1e9999999999999999999"}, 422, "amount"),
+        ({"provider": "cubepay", "amount": "Infinity"}, 422, "amount"),
+        # Text the database cannot keep is refused before the provider creates anything.
+        ({"provider": "cubepay", "description": "a\x00b"}, 422, "description"),
+        ({"provider": "cubepay", "description": "\ud800"}, 422, "description"),
+        ({"provider": "cubepay", "description": "x" * 5000}, 422, "description"),
+        ({"provider": "cubepay", "customer_email": "a@b\x00"}, 422, "customer_email"),
+        ({"provider": "cubepay", "pay_currency": "BTC\x00"}, 422, "pay_currency"),
+        ({"provider": "cubepay", "currency": "\ud800"}, 422, "currency"),
         ({"provider": "cubepay", "order_id": ""}, 422, "order_id"),
         ({"provider": "cubepay", "order_id": 42}, 422, "order_id"),
         ({"provider": "cubepay", "currency": "XYZ"}, 422, "currency"),
@@ -240,6 +254,39 @@ def test_bad_input_is_refused_naming_the_field_and_nothing_is_sent(
     assert response.get_json()["field"] == field
     assert len(provider_api.calls) == 0
     assert count(services.db, Payment) == 0
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"1E24", b"1" + b"0" * 24])
+def test_huge_json_number_amount_is_refused_before_the_provider(
+    client: FlaskClient,
+    services: Services,
+    api_headers: dict[str, str],
+    provider_api: responses.RequestsMock,
+    number: bytes,
+) -> None:
+    body = (
+        b'{"provider":"cubepay","order_id":"o","amount":' + number + b',"currency":"USD",'
+        b'"pay_currency":"BTC"}'
+    )
+    response = client.post(
+        "/api/payments", data=body, headers={**api_headers, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422 and response.get_json()["field"] == "amount"
+    assert len(provider_api.calls) == 0
+    assert count(services.db, Payment) == 0
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency"),
+    [("999999999999999999999999.99", "USD"), ("123456789012345678.123456789012345678", "ETH")],
+)
+def test_the_largest_amounts_the_column_keeps_are_accepted(amount: str, currency: str) -> None:
+    """Magnitude, not digit count: 24 digits before the point and the currency's decimals."""
+    parsed = parse_create_request(
+        {"provider": "cubepay", "order_id": "o", "amount": amount, "currency": currency},
+        {"cubepay": object()},
+    )
+    assert parsed.amount == Decimal(amount)
 
 
 def test_float_amount_with_too_many_decimals_is_refused(

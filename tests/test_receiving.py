@@ -186,3 +186,91 @@ def test_a_broker_that_refuses_loses_nothing(settings: Settings) -> None:
     assert (dispatcher.sent, dispatcher.failed) == (0, 5)
     assert count_notifications(app.extensions["ipn"].db, NotificationStatus.RECEIVED) == 5
     app.extensions["ipn"].db.engine.dispose()
+
+
+def test_a_body_shorter_than_its_declared_length_is_not_stored(
+    client: FlaskClient, services: Services
+) -> None:
+    """A server that hands over what arrived before the client hung up (gunicorn does):
+    10 bytes of a declared 1000 are refused, not stored."""
+    builder = EnvironBuilder(
+        path="/ipn/cubepay", method="POST", headers=FORM, input_stream=io.BytesIO(CUBEPAY_IPN[:10])
+    )
+    environ = builder.get_environ()
+    environ["CONTENT_LENGTH"] = "1000"
+    environ["wsgi.input_terminated"] = True
+    answer, status, _ = run_wsgi_app(client.application, environ)
+    assert status.startswith("400")
+    assert b"success" not in b"".join(answer)
+    assert count_notifications(services.db) == 0
+
+
+@pytest.mark.parametrize("path", sorted(ENDPOINTS))
+def test_options_on_a_callback_endpoint_is_405(
+    client: FlaskClient, services: Services, path: str
+) -> None:
+    response = client.options(f"/ipn{path}")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+    assert count_notifications(services.db) == 0
+
+
+HOSTILE_BODIES = {
+    "nul-in-json": b'{"order_id": "M1\\u0000x", "status": 2}',
+    "raw-nul": b"order_id=M1\x00x&status=2",
+    "lone-surrogate-escape": b'{"merchantTransactionId": "\\ud800", "status": "CONFIRMED"}',
+    "lone-surrogate-bytes": b'{"merchantTransactionId": "\xed\xa0\x80"}',
+    "huge-exponent": b'{"received_amount": 1e999, "amount": "1e999"}',
+    "huge-integer": b'{"received_amount": ' + b"9" * 40 + b"}",
+    "many-decimals": b'{"received_amount": "0.' + b"1" * 25 + b'"}',
+    "form-nul-escape": b"merchant_transaction_id=M1%00x&sign=00",
+    "form-surrogate-escape": b"merchant_transaction_id=%ED%A0%80&sign=00",
+}
+
+
+# Every endpoint is the same view: each body goes to one of them, in turn.
+HOSTILE_CASES = [
+    pytest.param(path, body, id=f"{name}-{path.strip('/').replace('/', '-')}")
+    for (name, body), path in zip(
+        HOSTILE_BODIES.items(), sorted(ENDPOINTS) * len(HOSTILE_BODIES), strict=False
+    )
+]
+
+
+@pytest.mark.parametrize(("path", "body"), HOSTILE_CASES)
+def test_hostile_bodies_are_stored_byte_for_byte_and_answered_success(
+    client: FlaskClient, services: Services, app: Flask, path: str, body: bytes
+) -> None:
+    response = client.post(f"/ipn{path}", data=body, headers=JSON)
+    assert (response.status_code, response.get_data()) == (200, b"success")
+    [notification_id] = app.extensions["ipn.dispatcher"].submitted
+    assert notification(services.db, notification_id).body == body
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Order": "M1\x00x"},
+        {"X-Signature": "\x00"},
+        {"X-Latin": "caf\xe9 \xff"},
+        {"X-Control": "a\x01\x1f\x7fb"},
+    ],
+    ids=["nul", "nul-only", "latin-1", "controls"],
+)
+def test_hostile_headers_are_stored_and_answered_success(
+    client: FlaskClient, services: Services, app: Flask, headers: dict[str, str]
+) -> None:
+    response = client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers={**FORM, **headers})
+    assert (response.status_code, response.get_data()) == (200, b"success")
+    [notification_id] = app.extensions["ipn.dispatcher"].submitted
+    assert notification(services.db, notification_id).body == CUBEPAY_IPN
+
+
+def test_hostile_query_string_is_stored_and_answered_success(
+    client: FlaskClient, services: Services
+) -> None:
+    response = client.post(
+        "/ipn/cubepay?order_id=%00%ED%A0%80&x=1e999", data=CUBEPAY_IPN, headers=FORM
+    )
+    assert (response.status_code, response.get_data()) == (200, b"success")
+    assert count_notifications(services.db) == 1

@@ -1,0 +1,34 @@
+"""Gunicorn settings of the web process (`gunicorn --config python:ipn.gunicorn_config`).
+
+gevent workers: each connection waits in a greenlet of its own, so clients that send their
+request slowly hold only themselves, not the threads a provider's callback needs (with
+`gthread`, 16 slow connections held every request thread and `/healthz` stopped answering).
+psycopg 3 sees gevent's patched `select` and waits cooperatively; redis-py, the SQLAlchemy pool
+and the dispatch thread of ipn.dispatch run on patched sockets, locks and queues. Nothing here
+imports the application: gunicorn patches the standard library in each worker before loading it.
+"""
+
+import os
+
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Connections each worker keeps at once, slow or not; beyond it they wait in the listen backlog.
+worker_connections = 1000
+# Seconds a connection may take to send each request's headers, the first one included
+# (gunicorn's async workers read them under this timeout), and to start its next request on a
+# keep-alive connection: a client that trickles its headers is closed after it.
+keepalive = 5
+
+
+def on_starting(server: object) -> None:
+    """Refuse bad settings in one line before any worker starts, instead of a traceback from
+    every worker that tries to load the application."""
+    import sys
+
+    from ipn.config import Settings
+    from ipn.errors import ConfigurationError
+
+    try:
+        Settings.from_env()
+    except ConfigurationError as exc:
+        sys.exit(f"web: {exc}")
