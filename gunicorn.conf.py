@@ -1,6 +1,5 @@
-"""Read by gunicorn from the working directory before it starts: bad configuration stops it with
-one line naming the variable, before a worker boots and fails with a traceback."""
+"""Read by gunicorn from the working directory when no --config is given: the same settings as
+the Procfile's `--config python:ipn.gunicorn_config`, so a bare `gunicorn wsgi:app` gets the
+gevent workers and the one-line refusal of bad configuration too."""
 
-from ipn.config import settings_or_exit
-
-settings_or_exit()
+from ipn.gunicorn_config import *  # noqa: F403

@@ -5,10 +5,13 @@ request slowly hold only themselves, not the threads a provider's callback needs
 `gthread`, 16 slow connections held every request thread and `/healthz` stopped answering).
 psycopg 3 sees gevent's patched `select` and waits cooperatively; redis-py, the SQLAlchemy pool
 and the dispatch thread of ipn.dispatch run on patched sockets, locks and queues. Nothing here
-imports the application: gunicorn patches the standard library in each worker before loading it.
+imports the application: gunicorn patches the standard library in each worker before
+loading it.
 """
 
 import os
+
+from ipn.config import settings_or_exit
 
 worker_class = "gevent"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -20,15 +23,6 @@ worker_connections = 1000
 keepalive = 5
 
 
-def on_starting(server: object) -> None:
-    """Refuse bad settings in one line before any worker starts, instead of a traceback from
-    every worker that tries to load the application."""
-    import sys
-
-    from ipn.config import Settings
-    from ipn.errors import ConfigurationError
-
-    try:
-        Settings.from_env()
-    except ConfigurationError as exc:
-        sys.exit(f"web: {exc}")
+# Bad settings are refused in one line while gunicorn reads this file, before it logs its start
+# or boots a worker that would fail with a traceback (ipn.config imports nothing heavy).
+settings_or_exit()

@@ -24,6 +24,12 @@ LOOPBACK = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def _embedded_worker_class(settings: Settings) -> list[str]:
+    """SQLite's C library blocks a gevent worker's whole event loop while it waits for a lock
+    that the worker in the next process holds; threads wait one at a time instead."""
+    return ["--worker-class", "gthread", "--threads", "8"] if settings.embedded else []
+
+
 def commands(
     settings: Settings, host: str, port: int, sandbox_port: int | None
 ) -> dict[str, list[str]]:
@@ -37,10 +43,9 @@ def commands(
             "wsgi:app",
             "--bind",
             f"{host}:{port}",
-            "--worker-class",
-            "gthread",
-            "--threads",
-            "8",
+            "--config",
+            "python:ipn.gunicorn_config",
+            *_embedded_worker_class(settings),
             "--workers",
             web_workers,
             # One control socket per user is shared by every gunicorn: a second one, or one
