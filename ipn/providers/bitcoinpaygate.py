@@ -6,6 +6,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -203,7 +204,7 @@ class BitcoinPaygate(Provider):
 
     # Status ------------------------------------------------------------------------------------
 
-    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None) -> Decision:
+    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
         status = snapshot.provider_status.strip().upper()
         state = STATES.get(status)
         if state is None:
@@ -212,6 +213,8 @@ class BitcoinPaygate(Provider):
             )
         if status == "INVALID":
             evidence = {
+                "detail": "BitcoinPaygate declared the payment INVALID (an invalid transaction, "
+                "the remainder never came, or overpaid in one transaction): failed, for review",
                 "status": snapshot.provider_status,
                 "paymentId": snapshot.provider_payment_id,
                 "merchantTransactionId": snapshot.order_id,

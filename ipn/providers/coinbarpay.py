@@ -358,7 +358,7 @@ class CoinbarPay(Provider):
 
     # -- our states ------------------------------------------------------------------------
 
-    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None) -> Decision:
+    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
         status = snapshot.provider_status.upper()
         if status == "FAILED":
             if payment is not None and payment.status in (

@@ -162,7 +162,7 @@ class CryptoProcessing(Provider):
         payload["foreign_id"] = request.order_id
         return payload
 
-    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None) -> Decision:
+    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
         status = snapshot.provider_status.lower()
         state = STATES.get(status)
         if state is None:
@@ -170,7 +170,12 @@ class CryptoProcessing(Provider):
         received, expected = snapshot.paid_amount, snapshot.pay_amount
         if state is PaymentStatus.EXPIRED and received is not None and received > 0:
             # `expired` means nothing arrived in time: money on it now arrived after the end.
-            evidence = {"received_amount": str(received), "pay_currency": snapshot.pay_currency}
+            evidence = {
+                "detail": f"{received} {snapshot.pay_currency or ''} received on a payment request "
+                "the provider reports expired: late payment, for review",
+                "received_amount": str(received),
+                "pay_currency": snapshot.pay_currency,
+            }
             return Decision(
                 state, f"{received} received after expiry", (("late_payment", evidence),)
             )

@@ -221,7 +221,7 @@ class CubePay(Provider):
 
     # Status ------------------------------------------------------------------------------------
 
-    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None) -> Decision:
+    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
         code = _code(snapshot.provider_status)
         paid = snapshot.paid_amount
         expected = snapshot.pay_amount
@@ -229,10 +229,7 @@ class CubePay(Provider):
             expected = payment.pay_amount
         if code == CANCELED:
             # CubePay reports an expired payment as canceled; only its age tells them apart.
-            if (
-                payment is not None
-                and datetime.now(UTC) >= _aware(payment.created_at) + PAYMENT_LIFETIME
-            ):
+            if payment is not None and now >= _aware(payment.created_at) + PAYMENT_LIFETIME:
                 return Decision(PaymentStatus.EXPIRED, note="canceled after its 6 h lifetime")
             return Decision(PaymentStatus.CANCELLED)
         if code == INIT:
