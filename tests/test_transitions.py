@@ -1,0 +1,463 @@
+"""The state machine's decision, cell by cell: every (held state, reported state, expiry inferred
+or not, kind of evidence) against a table written out here, not imported from the code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from ipn.providers.base import Decision, Snapshot
+from ipn.transitions import (
+    Change,
+    Finding,
+    Verdict,
+    can_move,
+    judge,
+    judge_expiry,
+)
+from models import AnomalyKind, EventSource, PaymentStatus
+
+P = PaymentStatus
+AT = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+STATES = [P.PENDING, P.CONFIRMING, P.UNDERPAID, P.PAID, P.EXPIRED, P.FAILED, P.CANCELLED]
+STATES.append(P.REFUNDED)
+REPORTED: list[PaymentStatus | None] = [*STATES, None]
+SNAPSHOT_KINDS = [EventSource.CALLBACK, EventSource.POLL, EventSource.REPLAY, EventSource.CREATE]
+
+# What each reported state does to each held state, when the provider's status is news.
+#   m move   n note, snapshot taken   i note, ignored   d duplicate: no event
+#   L refused: late payment   U refused: unknown status   A refused: amount unverified
+# Columns: the reported state, in the order of the header; `unknown` is a status we do not know.
+NEWS = """
+              pending  confirming  underpaid  paid  expired  failed  cancelled  refunded  unknown
+pending       n        m           m          m     m        m       m          m         U
+confirming    i        n           m          m     m        m       m          m         U
+underpaid     i        m           n          m     m        m       m          m         U
+paid          i        i           i          n     i        i       i          m         U
+expired       i        L           L          L     n        i       i          i         U
+failed        i        L           L          L     i        n       i          i         U
+cancelled     i        L           L          L     i        i       n          i         U
+refunded      i        i           i          i     i        i       i          n         U
+expired*      i        L           L          m     n        i       i          i         U
+"""
+# The same, when the provider repeats the status the payment already holds, for a replay and
+# for every other kind of evidence. `expired*` is expired by our own clock.
+REPEAT = """
+              pending  confirming  underpaid  paid  expired  failed  cancelled  refunded  unknown
+pending       d        m           m          m     m        m       m          m         U
+confirming    i        d           m          m     m        m       m          m         U
+underpaid     i        m           d          m     m        m       m          m         U
+paid          i        i           i          d     i        i       i          m         U
+expired       i        L           L          L     d        i       i          i         U
+failed        i        L           L          L     i        d       i          i         U
+cancelled     i        L           L          L     i        i       d          i         U
+refunded      i        i           i          i     i        i       i          d         U
+expired*      i        L           L          m     n        i       i          i         U
+"""
+REPEAT_REPLAYED = """
+              pending  confirming  underpaid  paid  expired  failed  cancelled  refunded  unknown
+pending       i        m           m          m     m        m       m          m         U
+confirming    i        i           m          m     m        m       m          m         U
+underpaid     i        m           i          m     m        m       m          m         U
+paid          i        i           i          i     i        i       i          m         U
+expired       i        L           L          L     i        i       i          i         U
+failed        i        L           L          L     i        i       i          i         U
+cancelled     i        L           L          L     i        i       i          i         U
+refunded      i        i           i          i     i        i       i          i         U
+expired*      i        L           L          m     n        i       i          i         U
+"""
+# Our clock's expiry, by held state (the flag says whether an earlier expiry was ours).
+EXPIRY = """
+pending m   confirming m   underpaid m   paid d   expired d   failed d   cancelled d   refunded d
+"""
+
+
+def grid(text: str) -> dict[tuple[str, str], str]:
+    header, *rows = [line.split() for line in text.strip().splitlines()]
+    return {
+        (row[0], column): cell for row in rows for column, cell in zip(header, row[1:], strict=True)
+    }
+
+
+@dataclass(frozen=True)
+class Held:
+    """A payment as the decision sees it."""
+
+    status: PaymentStatus
+    expiry_inferred: bool = False
+    provider_status: str | None = "held"
+    paid_amount: Decimal | None = Decimal("0.5")
+    snapshot_at: datetime | None = None
+    amount: Decimal | None = Decimal("10.00")
+    currency: str | None = "USD"
+    order_id: str = "order-1"
+    provider_payment_id: str | None = "pp-1"
+    id: str = "pay_1"
+
+
+def reported_snapshot(**fields: object) -> Snapshot:
+    values: dict[str, object] = {
+        "provider_status": "told",
+        "order_id": "order-1",
+        "provider_payment_id": "pp-1",
+        "amount": Decimal("10.00"),
+        "currency": "USD",
+        "paid_amount": Decimal("0.5"),
+    }
+    values.update(fields)
+    return Snapshot(**values)  # type: ignore[arg-type]
+
+
+def label(change: Change) -> str:
+    if change.verdict is Verdict.MOVE:
+        return "m"
+    if change.verdict is Verdict.DUPLICATE:
+        return "d"
+    if change.verdict is Verdict.NOTE:
+        return "n" if change.takes_snapshot else "i"
+    [finding] = change.findings
+    return {
+        AnomalyKind.LATE_PAYMENT: "L",
+        AnomalyKind.UNKNOWN_STATUS: "U",
+        AnomalyKind.AMOUNT_MISMATCH: "A",
+        AnomalyKind.REFERENCE_MISMATCH: "R",
+    }[finding.kind]
+
+
+def row_name(state: PaymentStatus, inferred: bool) -> str:
+    return f"{state.value}*" if inferred and state is P.EXPIRED else state.value
+
+
+def cells() -> list[tuple[PaymentStatus, PaymentStatus | None, bool, EventSource]]:
+    return [
+        (held, reported, inferred, source)
+        for held in STATES
+        for reported in REPORTED
+        for inferred in (False, True)
+        for source in SNAPSHOT_KINDS
+    ]
+
+
+def check_cell(change: Change, cell: str, held: Held, reported: PaymentStatus | None) -> None:
+    assert label(change) == cell
+    assert change.before is held.status
+    if cell == "m":
+        assert change.after is reported
+        assert change.expiry_inferred is False
+        assert change.takes_snapshot is True
+    else:
+        assert change.after is held.status
+    if cell == "n":
+        # The provider's own word on the expiry replaces ours.
+        assert change.expiry_inferred is (held.expiry_inferred and reported is not P.EXPIRED)
+    elif cell != "m":
+        assert change.expiry_inferred is held.expiry_inferred
+        assert change.takes_snapshot is False
+    assert change.findings == () or cell in "LUA"
+    assert change.paid_amount == held.paid_amount
+
+
+@pytest.mark.parametrize(("state", "reported", "inferred", "source"), cells())
+def test_every_cell_when_the_status_is_news(
+    state: PaymentStatus, reported: PaymentStatus | None, inferred: bool, source: EventSource
+) -> None:
+    held = Held(state, expiry_inferred=inferred)
+    change = judge(held, reported_snapshot(), Decision(reported), source)
+    expected = grid(NEWS)[(row_name(state, inferred), reported.value if reported else "unknown")]
+    check_cell(change, expected, held, reported)
+
+
+@pytest.mark.parametrize(("state", "reported", "inferred", "source"), cells())
+def test_every_cell_when_the_status_is_repeated(
+    state: PaymentStatus, reported: PaymentStatus | None, inferred: bool, source: EventSource
+) -> None:
+    held = Held(state, expiry_inferred=inferred, provider_status="told")
+    change = judge(held, reported_snapshot(), Decision(reported), source)
+    table = REPEAT_REPLAYED if source is EventSource.REPLAY else REPEAT
+    expected = grid(table)[(row_name(state, inferred), reported.value if reported else "unknown")]
+    check_cell(change, expected, held, reported)
+
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("inferred", [False, True])
+def test_our_clock_expires_only_open_payments(state: PaymentStatus, inferred: bool) -> None:
+    cells = EXPIRY.split()
+    expected = dict(zip(cells[::2], cells[1::2], strict=True))[state.value]
+    held = Held(state, expiry_inferred=inferred)
+    change = judge_expiry(held, "past the deadline")
+    assert label(change) == expected
+    assert change.before is state
+    assert change.findings == ()
+    assert change.paid_amount == held.paid_amount
+    if expected == "m":
+        assert (change.after, change.expiry_inferred) == (P.EXPIRED, True)
+        assert change.summary == "past the deadline"
+    else:
+        assert (change.after, change.expiry_inferred) == (state, inferred)
+        assert change.summary == f"already {state.value}"
+
+
+def test_the_table_of_moves_itself() -> None:
+    allowed = {
+        (held, target)
+        for held in STATES
+        for target in STATES
+        if can_move(held, target, expiry_inferred=False)
+    }
+    forward = {
+        P.PENDING: {P.CONFIRMING, P.UNDERPAID, P.PAID, P.EXPIRED, P.FAILED, P.CANCELLED},
+        P.CONFIRMING: {P.UNDERPAID, P.PAID, P.EXPIRED, P.FAILED, P.CANCELLED},
+        P.UNDERPAID: {P.CONFIRMING, P.PAID, P.EXPIRED, P.FAILED, P.CANCELLED},
+        P.PAID: set(),
+    }
+    expected = {(held, target) for held, targets in forward.items() for target in targets}
+    expected |= {(held, P.REFUNDED) for held in (P.PENDING, P.CONFIRMING, P.UNDERPAID, P.PAID)}
+    assert allowed == expected
+    inferred = {t for t in STATES if can_move(P.EXPIRED, t, expiry_inferred=True)}
+    assert inferred == {P.PAID}
+    assert not can_move(P.FAILED, P.PAID, expiry_inferred=True)
+    assert not can_move(P.CANCELLED, P.PAID, expiry_inferred=True)
+
+
+# Paid only with a verified amount and currency ------------------------------------------------
+
+MISMATCHES = [
+    ({}, {"amount": Decimal("9.99")}, "the amount is 9.99, the payment asked 10.00"),
+    ({}, {"currency": "EUR"}, "the currency is EUR, the payment asked USD"),
+    ({}, {"amount": None}, "the provider's answer names no amount"),
+    ({}, {"currency": None}, "the provider's answer names no currency we know"),
+    (
+        {"amount": None},
+        {},
+        "the payment has no amount or currency of its own to check it against",
+    ),
+    (
+        {"currency": None},
+        {},
+        "the payment has no amount or currency of its own to check it against",
+    ),
+]
+
+
+@pytest.mark.parametrize(("held_fields", "told_fields", "problem"), MISMATCHES)
+@pytest.mark.parametrize("state", [P.PENDING, P.CONFIRMING, P.UNDERPAID])
+def test_paid_without_a_matching_amount_and_currency_is_refused(
+    state: PaymentStatus,
+    held_fields: dict[str, object],
+    told_fields: dict[str, object],
+    problem: str,
+) -> None:
+    held = replace(Held(state), **held_fields)  # type: ignore[arg-type]
+    change = judge(held, reported_snapshot(**told_fields), Decision(P.PAID), EventSource.POLL)
+    assert label(change) == "A"
+    [finding] = change.findings
+    assert finding.detail == f"status told says paid, but {problem}: not marked paid"
+    amount, currency = (
+        told_fields.get("amount", Decimal("10.00")),
+        told_fields.get("currency", "USD"),
+    )
+    assert finding.key == f"amount_mismatch:pay_1:{amount}:{currency}"
+    assert finding.proof["provider_status"] == "told"
+    assert change.summary == finding.detail
+
+
+def test_paid_currency_compares_without_case() -> None:
+    change = judge(
+        Held(P.PENDING), reported_snapshot(currency="usd"), Decision(P.PAID), EventSource.POLL
+    )
+    assert label(change) == "m"
+
+
+def test_an_overturned_expiry_checks_the_amount_too() -> None:
+    held = Held(P.EXPIRED, expiry_inferred=True)
+    told = reported_snapshot(amount=None)
+    assert label(judge(held, told, Decision(P.PAID), EventSource.CALLBACK)) == "A"
+
+
+def test_a_late_payment_is_late_whatever_its_amount() -> None:
+    told = reported_snapshot(amount=Decimal("1"), paid_amount=Decimal("0.7"))
+    change = judge(Held(P.EXPIRED), told, Decision(P.PAID), EventSource.POLL)
+    [finding] = change.findings
+    assert finding.kind is AnomalyKind.LATE_PAYMENT
+    assert finding.key == "late_payment:pay_1:told:0.7"
+    assert (
+        finding.detail
+        == "status told (paid) after expired: late payment, no change, flagged for review"
+    )
+    assert change.paid_amount == Decimal("0.7")
+
+
+# Money seen, older snapshots, duplicates --------------------------------------------------------
+
+
+def test_money_seen_never_decreases() -> None:
+    held = Held(P.CONFIRMING, paid_amount=Decimal("0.005"))
+    told = reported_snapshot(paid_amount=Decimal("0"))
+    change = judge(held, told, Decision(P.CONFIRMING), EventSource.CALLBACK)
+    assert label(change) == "i"
+    assert change.paid_amount == Decimal("0.005")
+    assert change.summary == (
+        "older snapshot: it shows 0 paid, 0.005 was already seen: status told ignored"
+    )
+
+
+@pytest.mark.parametrize("reported", [P.PENDING, P.CONFIRMING, P.UNDERPAID])
+def test_a_snapshot_with_less_money_is_older_and_moves_nothing(reported: PaymentStatus) -> None:
+    held = Held(P.UNDERPAID, paid_amount=Decimal("0.005"))
+    told = reported_snapshot(paid_amount=Decimal("0.001"))
+    assert label(judge(held, told, Decision(reported), EventSource.CALLBACK)) == "i"
+
+
+def test_a_repeated_older_snapshot_is_a_duplicate() -> None:
+    held = Held(P.UNDERPAID, paid_amount=Decimal("0.005"), provider_status="told")
+    told = reported_snapshot(paid_amount=Decimal("0.001"))
+    change = judge(held, told, Decision(P.CONFIRMING), EventSource.CALLBACK)
+    # A delayed retry of an earlier callback: same status, less money. Nothing new.
+    assert label(change) == "d"
+    assert change.summary == ("duplicate: status told: an older copy, no change")
+    held = replace(held, paid_amount=Decimal("0.001"))
+    change = judge(held, told, Decision(P.CONFIRMING), EventSource.CALLBACK)
+    assert label(change) == "m"
+
+
+@pytest.mark.parametrize("reported", [P.FAILED, P.REFUNDED, P.EXPIRED, P.CANCELLED, P.PAID])
+def test_less_money_with_a_final_status_is_judged_by_its_status(reported: PaymentStatus) -> None:
+    held = Held(P.CONFIRMING, paid_amount=Decimal("0.005"))
+    told = reported_snapshot(paid_amount=Decimal("0"))
+    change = judge(held, told, Decision(reported), EventSource.POLL)
+    assert label(change) == "m"
+    assert change.paid_amount == Decimal("0.005")
+
+
+def test_more_money_is_news_even_with_the_same_status() -> None:
+    held = Held(P.EXPIRED, provider_status="told", paid_amount=Decimal("0.001"))
+    told = reported_snapshot(paid_amount=Decimal("0.003"))
+    decision = Decision(P.EXPIRED, "late", (("late_payment", {"detail": "0.003 after the end"}),))
+    change = judge(held, told, decision, EventSource.CALLBACK)
+    assert label(change) == "n"
+    assert change.paid_amount == Decimal("0.003")
+    [finding] = change.findings
+    assert finding == Finding(
+        AnomalyKind.LATE_PAYMENT,
+        "late_payment:pay_1:told:0.003",
+        "0.003 after the end",
+        finding.proof,
+    )
+    assert finding.proof["provider_status"] == "told"
+    assert change.summary == "status told (late)"
+
+
+def test_the_first_money_is_taken_and_none_keeps_what_was_seen() -> None:
+    held = Held(P.PENDING, paid_amount=None)
+    change = judge(
+        held, reported_snapshot(paid_amount=Decimal("2")), Decision(P.CONFIRMING), EventSource.POLL
+    )
+    assert change.paid_amount == Decimal("2")
+    held = Held(P.PENDING, paid_amount=Decimal("1"))
+    change = judge(
+        held, reported_snapshot(paid_amount=None), Decision(P.CONFIRMING), EventSource.POLL
+    )
+    assert change.paid_amount == Decimal("1")
+
+
+def test_a_stale_snapshot_by_the_providers_clock() -> None:
+    held = Held(P.PAID, snapshot_at=AT)
+    told = reported_snapshot(as_of=AT - timedelta(seconds=1))
+    change = judge(held, told, Decision(P.CONFIRMING), EventSource.CALLBACK)
+    assert label(change) == "i"
+    assert change.summary == (
+        "stale snapshot as of 2026-01-01T11:59:59+00:00, newer one applied as of "
+        "2026-01-01T12:00:00+00:00: status told ignored"
+    )
+    # An identical older copy says nothing new: no event at all.
+    same = judge(
+        replace(held, provider_status="told"), told, Decision(P.CONFIRMING), EventSource.CALLBACK
+    )
+    assert label(same) == "d"
+    assert same.summary == "duplicate: status told: an older copy, no change"
+    replayed = judge(
+        replace(held, provider_status="told"), told, Decision(P.CONFIRMING), EventSource.REPLAY
+    )
+    assert label(replayed) == "i"
+    assert replayed.summary == "replayed: status told: an older copy, no change"
+
+
+def test_the_providers_clock_outranks_money() -> None:
+    # With a clock on both sides, a newer snapshot is applied even with less money shown.
+    held = Held(P.PENDING, snapshot_at=AT, paid_amount=Decimal("1"))
+    told = reported_snapshot(as_of=AT, paid_amount=Decimal("0"))
+    assert label(judge(held, told, Decision(P.CONFIRMING), EventSource.POLL)) == "m"
+
+
+def test_duplicate_and_replay_words() -> None:
+    held = Held(P.CONFIRMING, provider_status="told")
+    change = judge(held, reported_snapshot(), Decision(P.CONFIRMING), EventSource.POLL)
+    assert change.summary == "duplicate: already confirming"
+    change = judge(held, reported_snapshot(), Decision(P.CONFIRMING), EventSource.REPLAY)
+    assert change.summary == "replayed: already confirming"
+
+
+def test_move_and_note_words() -> None:
+    change = judge(
+        Held(P.PENDING), reported_snapshot(), Decision(P.PAID, "fully"), EventSource.POLL
+    )
+    assert change.summary == "status told (fully)"
+    change = judge(Held(P.PENDING), reported_snapshot(), Decision(P.PAID), EventSource.POLL)
+    assert change.summary == "status told"
+    held = Held(P.EXPIRED, expiry_inferred=True)
+    change = judge(held, reported_snapshot(), Decision(P.PAID), EventSource.CALLBACK)
+    assert change.summary == "status told (overturns the expiry we inferred from our own clock)"
+    change = judge(Held(P.PAID), reported_snapshot(), Decision(P.CONFIRMING), EventSource.POLL)
+    assert change.summary == "status told (confirming) would move paid backwards: ignored"
+    change = judge(Held(P.PAID), reported_snapshot(), Decision(None), EventSource.POLL)
+    assert change.summary == "unknown status told: no change, flagged for review"
+    [finding] = change.findings
+    assert finding.key == "unknown_status:pay_1:told"
+
+
+def test_a_mapping_anomaly_is_kept_on_a_backwards_report() -> None:
+    decision = Decision(P.FAILED, "", (("provider_failure", {}),))
+    change = judge(Held(P.PAID), reported_snapshot(), decision, EventSource.POLL)
+    assert label(change) == "i"
+    [finding] = change.findings
+    assert finding.kind is AnomalyKind.PROVIDER_FAILURE
+    assert finding.detail == "provider_failure reported by the provider"
+    assert finding.key == "provider_failure:pay_1:told:0.5"
+    change = judge(Held(P.PAID), reported_snapshot(paid_amount=None), decision, EventSource.POLL)
+    assert change.findings[0].key == "provider_failure:pay_1:told:-"
+    decision = Decision(P.FAILED, "declared invalid", (("provider_failure", {}),))
+    change = judge(Held(P.PENDING), reported_snapshot(), decision, EventSource.POLL)
+    assert change.findings[0].detail == "declared invalid"
+
+
+@pytest.mark.parametrize(
+    ("told_fields", "problem"),
+    [
+        (
+            {"order_id": "order-2"},
+            "provider names order 'order-2', payment pay_1 is order 'order-1'",
+        ),
+        ({"provider_payment_id": "pp-2"}, "provider names payment 'pp-2', payment pay_1 is 'pp-1'"),
+    ],
+)
+def test_a_snapshot_about_another_payment_is_refused(
+    told_fields: dict[str, object], problem: str
+) -> None:
+    change = judge(
+        Held(P.PENDING), reported_snapshot(**told_fields), Decision(P.PAID), EventSource.POLL
+    )
+    assert label(change) == "R"
+    assert change.summary == problem
+    assert change.findings[0].key.startswith("reference_mismatch:pay_1:")
+    assert change.paid_amount == Decimal("0.5")
+
+
+def test_a_reference_the_snapshot_or_payment_lacks_is_no_mismatch() -> None:
+    told = reported_snapshot(order_id=None, provider_payment_id=None)
+    assert label(judge(Held(P.PENDING), told, Decision(P.PAID), EventSource.POLL)) == "m"
+    held = Held(P.PENDING, provider_payment_id=None)
+    assert label(judge(held, reported_snapshot(), Decision(P.PAID), EventSource.POLL)) == "m"
