@@ -58,7 +58,6 @@ class Snapshot:
     # The provider's own clock when it took the snapshot (BitcoinPaygate `currentTime`).
     as_of: datetime | None = None
     detail: str = ""
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ref(self) -> PaymentRef:

@@ -180,7 +180,6 @@ class BitcoinPaygate(Provider):
                 pay_url=_text(answer.get("paymentPageUrl")),
                 payment_uri=_text(answer.get("paymentAddress")),
                 expires_at=parse_time(answer.get("expirationTime"), "expirationTime"),
-                raw=answer,
             )
         except MalformedCallback as exc:
             raise ProviderUnavailable(
@@ -245,7 +244,6 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
         paid_amount=to_decimal(data.get("paidBtc"), "paidBtc"),
         expires_at=parse_time(data.get("expirationTime"), "expirationTime"),
         as_of=parse_time(data.get("currentTime"), "currentTime"),
-        raw=data,
     )
 
 

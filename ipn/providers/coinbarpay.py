@@ -310,7 +310,6 @@ class CoinbarPay(Provider):
                 pay_address=_text(answer.get("destination_address"), "destination_address"),
                 payment_uri=_text(answer.get("payment_string"), "payment_string"),
                 expires_at=now + self.settings.payment_timeout,
-                raw=answer,
             )
         except MalformedCallback as exc:
             raise ProviderUnavailable(f"{self.name}: create answer not understood: {exc}") from None
@@ -450,5 +449,4 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
         pay_currency=_text(detail.get("destination_coin"), "payment_detail.destination_coin"),
         as_of=parse_time(data.get("update_time"), "update_time"),
         detail=descr if isinstance(descr, str) else "",
-        raw=data,
     )

@@ -206,7 +206,6 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
         paid_amount=to_decimal(sent.get("received_amount"), "currency_sent.received_amount"),
         pay_address=_text(address.get("address"), "payment_request_address.address"),
         expires_at=_epoch(data.get("expires_at"), "expires_at"),
-        raw=data,
     )
 
 
@@ -232,7 +231,6 @@ def _created(data: Mapping[str, Any], request: PaymentRequest) -> Snapshot:
         pay_address=_text(address.get("address"), "payment_request_address.address"),
         pay_url=_text(data.get("payment_link"), "payment_link"),
         expires_at=_epoch(data.get("life_time"), "life_time"),
-        raw=data,
     )
 
 

@@ -203,7 +203,6 @@ class CubePay(Provider):
                 pay_address=_text(pay_info.get("address")),
                 pay_url=_text(record.get("pay_url")),
                 detail=_text(record.get("status_message")) or "",
-                raw=record,
             )
         except MalformedCallback as exc:
             raise ProviderUnavailable(

@@ -334,7 +334,6 @@ def test_fetch_status_asks_with_basic_auth(
     assert snapshot.paid_amount == Decimal("0.500000000000000001")
     assert str(snapshot.paid_amount) == "0.500000000000000001"
     assert snapshot.as_of == datetime(2018, 1, 12, 15, 16, 32, tzinfo=UTC)
-    assert snapshot.raw["btcTransactions"][0]["btcAmount"] == Decimal("0.02194594")
 
 
 def test_fetch_status_puts_the_id_in_one_path_segment(
