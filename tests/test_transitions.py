@@ -3,13 +3,23 @@ or not, kind of evidence) against a table written out here, not imported from th
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
+import responses
+import time_machine
+from flask import Flask
 
+from ipn.anomalies import resolve_anomaly
+from ipn.processing import process_notification
 from ipn.providers.base import Decision, Snapshot
+from ipn.reconcile import check_payment, reconcile_due
+from ipn.services import Services
 from ipn.transitions import (
     Change,
     Finding,
@@ -18,7 +28,24 @@ from ipn.transitions import (
     judge,
     judge_expiry,
 )
-from models import AnomalyKind, EventSource, PaymentStatus
+from models import AnomalyKind, AnomalyStatus, EventSource, NotificationStatus, PaymentStatus
+
+from helpers import (
+    JSON,
+    PROVIDER_URL,
+    anomalies,
+    bpg_signature,
+    bpg_snapshot,
+    coinbarpay_signature,
+    coinbarpay_status,
+    cryptoprocessing_callback,
+    cryptoprocessing_headers,
+    cubepay_query_answer,
+    events,
+    load_payment,
+    make_payment,
+    notification,
+)
 
 P = PaymentStatus
 AT = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -461,3 +488,362 @@ def test_a_reference_the_snapshot_or_payment_lacks_is_no_mismatch() -> None:
     assert label(judge(Held(P.PENDING), told, Decision(P.PAID), EventSource.POLL)) == "m"
     held = Held(P.PENDING, provider_payment_id=None)
     assert label(judge(held, reported_snapshot(), Decision(P.PAID), EventSource.POLL)) == "m"
+
+
+# Each defect of issue 7, through the functions the Celery task and the pass call ---------------
+
+START = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
+CUBEPAY_QUERY = f"{PROVIDER_URL}/cubepay/payment/query"
+BPG_ID = "95bf1d853cf2e040f0ce219221f9b17206525941"
+BPG_STATUS = f"{PROVIDER_URL}/bitcoinpaygate/v2/payments/{BPG_ID}"
+COINBAR_STATUS = f"{PROVIDER_URL}/coinbarpay/coinbar/api/v2/pay/gateway/payment/order-1001/status"
+
+
+@pytest.fixture
+def provider_api() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def clock() -> Iterator[Any]:
+    with time_machine.travel(START, tick=False) as traveller:
+        yield traveller
+
+
+def deliver(app: Flask, services: Services, path: str, body: bytes, headers: dict[str, str]) -> Any:
+    response = app.test_client().post(path, data=body, headers=headers)
+    assert (response.status_code, response.get_data()) == (200, b"success")
+    notification_id = app.extensions["ipn.dispatcher"].submitted[-1]
+    process_notification(services, notification_id)
+    return notification(services.db, notification_id)
+
+
+def cubepay_due(services: Services, **fields: Any) -> Any:
+    values: dict[str, Any] = {
+        "provider": "cubepay",
+        "order_id": "M12345678",
+        "amount": Decimal("500"),
+        "currency": "TWD",
+        "pay_amount": Decimal("0.01"),
+        "pay_currency": "BTC",
+        "provider_payment_id": "C1536678153791231775",
+        "callback_token": "tok_5f2b9c",
+        "created_at": START,
+        "updated_at": START,
+        "expires_at": START + timedelta(hours=6),
+        "next_check_at": START + timedelta(minutes=1),
+        **fields,
+    }
+    return make_payment(services.db, **values)
+
+
+def coinbar_headers(body: bytes) -> dict[str, str]:
+    return {
+        **JSON,
+        "SIGNATURE": coinbarpay_signature(body),
+        "CBPAY-API-KEY": "2cb63353-2541-4c4e-90d4-7bf1d4b42c5c",
+    }
+
+
+def cp_payment(services: Services) -> Any:
+    return make_payment(
+        services.db,
+        provider="cryptoprocessing",
+        order_id="order_12345",
+        amount=Decimal("0.3"),
+        currency="ETH",
+    )
+
+
+def cp_deliver(app: Flask, services: Services, status: str, received: str) -> Any:
+    body = cryptoprocessing_callback(status, received=received)
+    return deliver(app, services, "/ipn/cryptoprocessing", body, cryptoprocessing_headers(body))
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        (cubepay_query_answer(2, source_amount="499"), AnomalyKind.AMOUNT_MISMATCH),
+        (cubepay_query_answer(42), AnomalyKind.UNKNOWN_STATUS),
+    ],
+    ids=["refused-paid", "unknown-status"],
+)
+def test_defect_1_no_expiry_beside_a_refused_paid_or_an_unknown_status(
+    services: Services,
+    provider_api: responses.RequestsMock,
+    clock: Any,
+    answer: bytes,
+    kind: AnomalyKind,
+) -> None:
+    payment = cubepay_due(services)
+    provider_api.post(CUBEPAY_QUERY, body=answer)
+    clock.move_to(START + timedelta(hours=7))
+    report = reconcile_due(services)
+    assert (report.checked, report.expired) == (1, 0)
+    held = load_payment(services.db, payment.id)
+    assert held.status is PaymentStatus.PENDING and not held.expiry_inferred
+    assert [a.kind for a in anomalies(services.db)] == [kind]
+    assert [e.source for e in events(services.db, payment.id)] == [EventSource.POLL]
+
+
+def test_defect_1_an_unpaid_answer_still_expires(
+    services: Services, provider_api: responses.RequestsMock, clock: Any
+) -> None:
+    payment = cubepay_due(services)
+    provider_api.post(CUBEPAY_QUERY, body=cubepay_query_answer(0, paid="0"))
+    clock.move_to(START + timedelta(hours=7))
+    assert check_payment(services, payment.id).outcome == "expired"
+    expired = load_payment(services.db, payment.id)
+    assert expired.status is PaymentStatus.EXPIRED and expired.expiry_inferred
+    last = events(services.db, payment.id)[-1]
+    assert (last.source, last.from_status, last.to_status) == (
+        EventSource.EXPIRY,
+        PaymentStatus.PENDING,
+        PaymentStatus.EXPIRED,
+    )
+    assert "expired by our clock" in last.detail
+
+
+def test_defect_2_a_second_late_deposit_opens_its_own_anomaly_and_keeps_the_money(
+    app: Flask, services: Services
+) -> None:
+    payment = cp_payment(services)
+    cp_deliver(app, services, "expired", "0")
+    assert load_payment(services.db, payment.id).status is PaymentStatus.EXPIRED
+    cp_deliver(app, services, "expired", "0.001")
+    [first] = anomalies(services.db)
+    assert first.kind is AnomalyKind.LATE_PAYMENT
+    assert "0.001" in first.evidence["detail"]
+    with services.db.transaction() as session:
+        resolve_anomaly(session, first.id, "refunded by hand", "ops")
+    row = cp_deliver(app, services, "expired", "0.003")
+    assert "duplicate" not in (row.outcome or "")
+    late = load_payment(services.db, payment.id)
+    assert late.status is PaymentStatus.EXPIRED
+    assert late.paid_amount == Decimal("0.003")
+    first, second = anomalies(services.db)
+    assert second.kind is AnomalyKind.LATE_PAYMENT and second.status is AnomalyStatus.OPEN
+    assert "0.003" in second.evidence["detail"]
+    assert len(events(services.db, payment.id)) == 3
+    # The same report again is the same fact: nothing more.
+    cp_deliver(app, services, "expired", "0.003")
+    assert len(anomalies(services.db)) == 2
+    assert len(events(services.db, payment.id)) == 3
+
+
+def test_defect_3_the_providers_expiry_after_ours_makes_a_late_paid_an_anomaly(
+    services: Services, provider_api: responses.RequestsMock, clock: Any
+) -> None:
+    payment = make_payment(
+        services.db,
+        provider="bitcoinpaygate",
+        order_id="2015-03-10/123/1",
+        provider_payment_id=BPG_ID,
+        amount=Decimal("10.00"),
+        currency="USD",
+        created_at=START,
+        updated_at=START,
+        expires_at=START + timedelta(minutes=15),
+        next_check_at=START + timedelta(minutes=1),
+    )
+    provider_api.get(BPG_STATUS, body=bpg_snapshot("NEW", current_time="2026-11-21T09:30:00Z"))
+    clock.move_to(START + timedelta(minutes=30))
+    assert check_payment(services, payment.id).outcome == "expired"
+    assert load_payment(services.db, payment.id).expiry_inferred
+    provider_api.replace(
+        responses.GET, BPG_STATUS, body=bpg_snapshot("EXPIRED", current_time="2026-11-21T10:00:00Z")
+    )
+    clock.move_to(START + timedelta(hours=1))
+    check_payment(services, payment.id)
+    expired = load_payment(services.db, payment.id)
+    assert expired.status is PaymentStatus.EXPIRED and not expired.expiry_inferred
+    provider_api.replace(
+        responses.GET,
+        BPG_STATUS,
+        body=bpg_snapshot("CONFIRMED", current_time="2026-11-21T11:00:00Z"),
+    )
+    clock.move_to(START + timedelta(hours=2))
+    check_payment(services, payment.id)
+    assert load_payment(services.db, payment.id).status is PaymentStatus.EXPIRED
+    assert [a.kind for a in anomalies(services.db)] == [AnomalyKind.LATE_PAYMENT]
+
+
+def test_defect_10_cubepay_paid_in_a_coin_we_do_not_know_is_refused(
+    services: Services, provider_api: responses.RequestsMock, clock: Any
+) -> None:
+    payment = cubepay_due(services, currency="USD")
+    answer = cubepay_query_answer(2).replace(
+        b'"source_coin": {"id": 443, "symbol": "TWD"}', b'"source_coin": {"id": 999}'
+    )
+    assert b'"id": 999' in answer
+    provider_api.post(CUBEPAY_QUERY, body=answer)
+    clock.move_to(START + timedelta(minutes=2))
+    check_payment(services, payment.id)
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    [anomaly] = anomalies(services.db)
+    assert anomaly.kind is AnomalyKind.AMOUNT_MISMATCH
+    assert "names no currency" in anomaly.evidence["detail"]
+
+
+def test_defect_10_coinbarpay_success_without_payment_detail_is_refused(
+    app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = make_payment(
+        services.db,
+        provider="coinbarpay",
+        order_id="order-1001",
+        amount=Decimal("8.99"),
+        currency="EUR",
+    )
+    answer = json.loads(coinbarpay_status("SUCCESS"))
+    del answer["payment_detail"]
+    provider_api.get(COINBAR_STATUS, body=json.dumps(answer))
+    body = coinbarpay_status("SUCCESS")
+    deliver(app, services, "/ipn/coinbarpay", body, coinbar_headers(body))
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
+    [anomaly] = anomalies(services.db)
+    assert anomaly.kind is AnomalyKind.AMOUNT_MISMATCH
+    assert "names no amount" in anomaly.evidence["detail"]
+
+
+def test_defect_11_a_delayed_earlier_callback_never_lowers_the_money_or_the_state(
+    app: Flask, services: Services
+) -> None:
+    payment = cp_payment(services)
+    cp_deliver(app, services, "processing", "0.005")
+    assert load_payment(services.db, payment.id).status is PaymentStatus.UNDERPAID
+    cp_deliver(app, services, "processing", "0")
+    held = load_payment(services.db, payment.id)
+    assert held.status is PaymentStatus.UNDERPAID
+    assert held.paid_amount == Decimal("0.005")
+    assert len(events(services.db, payment.id)) == 1
+
+
+def test_bitcoinpaygate_identical_copies_make_no_timeline_events(
+    app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = make_payment(
+        services.db,
+        provider="bitcoinpaygate",
+        order_id="2015-03-10/123/1",
+        provider_payment_id=BPG_ID,
+        amount=Decimal("10.00"),
+        currency="USD",
+    )
+    # The status answer carries a later server clock than the notification it confirms.
+    provider_api.get(
+        BPG_STATUS, body=bpg_snapshot("CONFIRMED", current_time="2018-01-12T15:20:00Z")
+    )
+    body = bpg_snapshot("CONFIRMED")
+    headers = {**JSON, "X-BPG-Signature": bpg_signature(body)}
+    for _ in range(10):
+        row = deliver(app, services, "/ipn/bitcoinpaygate/notification", body, headers)
+        assert row.status is NotificationStatus.PROCESSED
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+    [event] = events(services.db, payment.id)
+    assert (event.from_status, event.to_status) == (PaymentStatus.PENDING, PaymentStatus.PAID)
+
+
+def test_coinbarpay_paid_then_refunded_before_the_worker_ran_ends_refunded(
+    app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = make_payment(
+        services.db,
+        provider="coinbarpay",
+        order_id="order-1001",
+        amount=Decimal("8.99"),
+        currency="EUR",
+    )
+    provider_api.get(COINBAR_STATUS, body=coinbarpay_status("FAILED", descr="Refunded"))
+    body = coinbarpay_status("SUCCESS")
+    deliver(app, services, "/ipn/coinbarpay", body, coinbar_headers(body))
+    assert load_payment(services.db, payment.id).status is PaymentStatus.REFUNDED
+    assert [(e.from_status, e.to_status) for e in events(services.db, payment.id)] == [
+        (PaymentStatus.PENDING, PaymentStatus.PAID),
+        (PaymentStatus.PAID, PaymentStatus.REFUNDED),
+    ]
+
+
+def test_coinbarpay_unsigned_success_answered_failed_is_failed(
+    app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    payment = make_payment(
+        services.db,
+        provider="coinbarpay",
+        order_id="order-1001",
+        amount=Decimal("8.99"),
+        currency="EUR",
+    )
+    provider_api.get(COINBAR_STATUS, body=coinbarpay_status("FAILED", descr="Refunded"))
+    body = coinbarpay_status("SUCCESS")
+    headers = {**JSON, "CBPAY-API-KEY": "2cb63353-2541-4c4e-90d4-7bf1d4b42c5c"}
+    deliver(app, services, "/ipn/coinbarpay", body, headers)
+    assert load_payment(services.db, payment.id).status is PaymentStatus.FAILED
+
+
+def test_every_anomaly_says_in_words_what_happened(
+    app: Flask, services: Services, provider_api: responses.RequestsMock, clock: Any
+) -> None:
+    # unknown status, refused paid, inferred expiry, provider failure, unexpected funds,
+    # reference mismatch, late payment: each one's evidence has a detail.
+    cubepay_due(services)
+    provider_api.post(CUBEPAY_QUERY, body=cubepay_query_answer(42))
+    clock.move_to(START + timedelta(minutes=2))
+    reconcile_due(services)
+    other = cubepay_due(services, order_id="M2", provider_payment_id="C2", currency="USD")
+    provider_api.replace(
+        responses.POST,
+        CUBEPAY_QUERY,
+        body=cubepay_query_answer(2, order_id="M2", payment_id="C2"),
+    )
+    check_payment(services, other.id)
+    wrong = cubepay_due(services, order_id="M3", provider_payment_id="C3")
+    provider_api.replace(
+        responses.POST,
+        CUBEPAY_QUERY,
+        body=cubepay_query_answer(2, order_id="M4", payment_id="C3"),
+    )
+    check_payment(services, wrong.id)
+    cp = make_payment(
+        services.db,
+        provider="cryptoprocessing",
+        order_id="order_12345",
+        amount=Decimal("0.3"),
+        currency="ETH",
+        created_at=START,
+        expires_at=START,
+        next_check_at=START,
+    )
+    clock.move_to(START + timedelta(hours=25))
+    check_payment(services, cp.id)
+    cp_deliver(app, services, "processing", "0.001")
+    bpg = make_payment(
+        services.db,
+        provider="bitcoinpaygate",
+        order_id="2015-03-10/123/1",
+        provider_payment_id=BPG_ID,
+        amount=Decimal("10.00"),
+        currency="USD",
+    )
+    provider_api.get(BPG_STATUS, body=bpg_snapshot("INVALID"))
+    body = bpg_snapshot("INVALID")
+    headers = {**JSON, "X-BPG-Signature": bpg_signature(body)}
+    deliver(app, services, "/ipn/bitcoinpaygate/notification", body, headers)
+    report = b'{"paymentId":"%s","paidBtc":0.1,"notificationType":"ANOMALY"}' % BPG_ID.encode()
+    deliver(
+        app,
+        services,
+        "/ipn/bitcoinpaygate/anomaly",
+        report,
+        {**JSON, "X-BPG-Signature": bpg_signature(report)},
+    )
+    assert load_payment(services.db, bpg.id).status is PaymentStatus.FAILED
+    found = {a.kind: a.evidence["detail"] for a in anomalies(services.db)}
+    assert set(found) == set(AnomalyKind), found
+    for kind, detail in found.items():
+        assert isinstance(detail, str) and len(detail) > 20, (kind, detail)
+    assert "unexpected funds" in found[AnomalyKind.UNEXPECTED_FUNDS]
+    assert "paidBtc 0.1" in found[AnomalyKind.UNEXPECTED_FUNDS]
+    assert "INVALID" in found[AnomalyKind.PROVIDER_FAILURE]
+    assert "expired by our clock" in found[AnomalyKind.INFERRED_EXPIRY]
