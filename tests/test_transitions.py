@@ -16,8 +16,18 @@ import time_machine
 from flask import Flask
 
 from ipn.anomalies import resolve_anomaly
+from ipn.config import (
+    BitcoinPaygateSettings,
+    CoinbarPaySettings,
+    CryptoProcessingSettings,
+    CubePaySettings,
+)
 from ipn.processing import process_notification
 from ipn.providers.base import Decision, Snapshot
+from ipn.providers.bitcoinpaygate import BitcoinPaygate
+from ipn.providers.coinbarpay import CoinbarPay
+from ipn.providers.cryptoprocessing import CryptoProcessing
+from ipn.providers.cubepay import CubePay
 from ipn.reconcile import check_payment, reconcile_due
 from ipn.services import Services
 from ipn.transitions import (
@@ -847,3 +857,220 @@ def test_every_anomaly_says_in_words_what_happened(
     assert "paidBtc 0.1" in found[AnomalyKind.UNEXPECTED_FUNDS]
     assert "INVALID" in found[AnomalyKind.PROVIDER_FAILURE]
     assert "expired by our clock" in found[AnomalyKind.INFERRED_EXPIRY]
+
+
+# Each provider's status mapping, against the tables of ../shared/providers ---------------------
+
+
+@dataclass(frozen=True)
+class HeldFacts:
+    status: PaymentStatus = P.PENDING
+    created_at: datetime = AT
+    amount: Decimal | None = Decimal("500")
+    currency: str | None = "TWD"
+    pay_amount: Decimal | None = Decimal("1")
+
+
+def told(
+    status: str, paid: str | None = None, pay: str | None = None, detail: str = ""
+) -> Snapshot:
+    return Snapshot(
+        provider_status=status,
+        paid_amount=None if paid is None else Decimal(paid),
+        pay_amount=None if pay is None else Decimal(pay),
+        pay_currency="BTC",
+        detail=detail,
+    )
+
+
+# (status, paid, asked in crypto, our state, note); the held payment asks 1 when the answer
+# does not say.
+CUBEPAY = [
+    ("-1", None, None, P.CANCELLED, ""),
+    ("0", None, None, P.PENDING, ""),
+    ("0", "1", "1", P.PENDING, ""),
+    ("1", None, None, P.CONFIRMING, ""),
+    ("1", "0", "1", P.CONFIRMING, ""),
+    ("1", "0.4", "1", P.UNDERPAID, "paid 0.4 of 1"),
+    ("1", "0.4", None, P.UNDERPAID, "paid 0.4 of 1"),
+    ("1", "1", "1", P.CONFIRMING, ""),
+    ("1", "1.5", "1", P.CONFIRMING, ""),
+    ("2", None, None, P.PAID, ""),
+    ("2", "1", "1", P.PAID, ""),
+    ("2", "1.5", "1", P.PAID, ""),
+    ("2", "0.4", "1", P.UNDERPAID, "paid 0.4 of 1"),
+    ("2", "0", "1", P.UNDERPAID, "paid 0 of 1"),
+    ("3", "1", "1", P.PAID, ""),
+    ("3", "0.4", "1", P.UNDERPAID, "paid 0.4 of 1"),
+    ("4", "1", "1", P.PAID, ""),
+    ("4", "0.4", "1", P.UNDERPAID, "paid 0.4 of 1"),
+    ("5", "1", "1", P.PAID, "refund in progress"),
+    ("6", "1", "1", P.REFUNDED, ""),
+    ("7", "1", "1", None, "unknown CubePay status '7'"),
+    ("-2", None, None, None, "unknown CubePay status '-2'"),
+    ("paid", "1", "1", None, "unknown CubePay status 'paid'"),
+]
+
+
+@pytest.mark.parametrize(("status", "paid", "pay", "state", "note"), CUBEPAY)
+def test_cubepay_mapping(
+    status: str, paid: str | None, pay: str | None, state: PaymentStatus | None, note: str
+) -> None:
+    cubepay = CubePay(CubePaySettings())
+    decision = cubepay.decide(told(status, paid, pay), HeldFacts(), AT)
+    assert (decision.state, decision.note, decision.anomalies) == (state, note, ())
+
+
+def test_cubepay_without_the_crypto_amount_anywhere_takes_the_word_paid() -> None:
+    decision = CubePay(CubePaySettings()).decide(told("2", "0.4"), None, AT)
+    assert decision.state is P.PAID
+
+
+@pytest.mark.parametrize(
+    ("age", "state", "note"),
+    [
+        (timedelta(0), P.CANCELLED, ""),
+        (timedelta(hours=6) - timedelta(microseconds=1), P.CANCELLED, ""),
+        (timedelta(hours=6), P.EXPIRED, "canceled after its 6 h lifetime"),
+        (timedelta(days=2), P.EXPIRED, "canceled after its 6 h lifetime"),
+    ],
+)
+def test_cubepay_canceled_is_expired_by_the_time_it_is_asked_at(
+    age: timedelta, state: PaymentStatus, note: str
+) -> None:
+    # `now` is the time given, never the wall clock (which is years past AT here).
+    decision = CubePay(CubePaySettings()).decide(told("-1"), HeldFacts(), AT + age)
+    assert (decision.state, decision.note) == (state, note)
+
+
+BITCOINPAYGATE = [
+    ("NEW", P.PENDING),
+    ("UNDERPAID", P.UNDERPAID),
+    ("UNCONFIRMED", P.CONFIRMING),
+    ("CONFIRMED", P.PAID),
+    ("COMPLETED", P.PAID),
+    ("PAID", P.CONFIRMING),
+    ("EXPIRED", P.EXPIRED),
+    (" confirmed ", P.PAID),
+    ("REFUNDED", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize(("status", "state"), BITCOINPAYGATE)
+def test_bitcoinpaygate_mapping(status: str, state: PaymentStatus | None) -> None:
+    decision = BitcoinPaygate(BitcoinPaygateSettings()).decide(told(status, "1", "1"), None, AT)
+    assert decision.state is state
+    assert decision.anomalies == ()
+    assert decision.note == ("" if state else f"unknown BitcoinPaygate status {status!r}")
+
+
+def test_bitcoinpaygate_invalid_is_failed_and_flagged() -> None:
+    snapshot = replace(told("INVALID", "0.5", "1"), provider_payment_id="p1", order_id="o1")
+    decision = BitcoinPaygate(BitcoinPaygateSettings()).decide(snapshot, None, AT)
+    assert decision.state is P.FAILED
+    assert decision.note == "BitcoinPaygate declared the payment INVALID"
+    [(kind, proof)] = decision.anomalies
+    assert kind == "provider_failure"
+    assert proof == {
+        "detail": "BitcoinPaygate declared the payment INVALID (an invalid transaction, the "
+        "remainder never came, or overpaid in one transaction): failed, for review",
+        "status": "INVALID",
+        "paymentId": "p1",
+        "merchantTransactionId": "o1",
+        "paidBtc": "0.5",
+        "amountBtc": "1",
+    }
+
+
+# (status, status_descr, held state or None, our state)
+COINBARPAY = [
+    ("CREATED", "", P.PENDING, P.PENDING),
+    ("PENDING", "", P.PENDING, P.CONFIRMING),
+    ("SUCCESS", "", P.PENDING, P.PAID),
+    ("SUCCESS", "", None, P.PAID),
+    ("FAILED", "Timeout", P.PENDING, P.EXPIRED),
+    ("FAILED", " timeout ", None, P.EXPIRED),
+    ("FAILED", "Timeout", P.PAID, P.REFUNDED),
+    ("FAILED", "", P.PAID, P.REFUNDED),
+    ("FAILED", "", P.REFUNDED, P.REFUNDED),
+    ("FAILED", "", P.CONFIRMING, P.FAILED),
+    ("FAILED", "Rejected", P.PENDING, P.FAILED),
+    ("FAILED", "", None, P.FAILED),
+    ("CANCELED", "", P.PENDING, P.CANCELLED),
+    ("CANCELLED", "", None, P.CANCELLED),
+    ("canceled", "", None, P.CANCELLED),
+    ("EXPIRED", "", None, None),
+    ("REFUNDED", "", P.PAID, None),
+]
+
+
+@pytest.mark.parametrize(("status", "descr", "held", "state"), COINBARPAY)
+def test_coinbarpay_mapping(
+    status: str, descr: str, held: PaymentStatus | None, state: PaymentStatus | None
+) -> None:
+    payment = None if held is None else HeldFacts(held)
+    decision = CoinbarPay(CoinbarPaySettings()).decide(told(status, detail=descr), payment, AT)
+    assert decision.state is state
+    assert decision.anomalies == ()
+
+
+def test_coinbarpay_notes() -> None:
+    coinbar = CoinbarPay(CoinbarPaySettings())
+    assert coinbar.decide(told("FAILED"), HeldFacts(P.PAID), AT).note == (
+        "FAILED after SUCCESS: reversed or refunded"
+    )
+    assert coinbar.decide(told("FAILED", detail="Timeout"), None, AT).note == (
+        "FAILED with Timeout: not paid in time"
+    )
+    assert coinbar.decide(told("FAILED", detail="Rejected"), None, AT).note == "FAILED: Rejected"
+    assert coinbar.decide(told("FAILED"), None, AT).note == "FAILED: no reason given"
+    assert coinbar.decide(told("ON_HOLD"), None, AT).note == "unknown coinbarpay status 'ON_HOLD'"
+    assert coinbar.decide(told("SUCCESS"), None, AT).note == ""
+
+
+# (status, received, expected, our state, note, a late payment flagged)
+CRYPTOPROCESSING = [
+    ("created", "0", "1", P.PENDING, "", False),
+    ("processing", "0", "1", P.CONFIRMING, "", False),
+    ("processing", None, "1", P.CONFIRMING, "", False),
+    ("processing", "0.4", None, P.CONFIRMING, "", False),
+    ("processing", "0.4", "1", P.UNDERPAID, "received 0.4 of 1 expected", False),
+    ("processing", "1", "1", P.CONFIRMING, "", False),
+    ("processing", "1.2", "1", P.CONFIRMING, "", False),
+    ("paid", "1", "1", P.PAID, "", False),
+    ("PAID", "1", "1", P.PAID, "", False),
+    ("failed", "0.4", "1", P.FAILED, "", False),
+    ("expired", "0", "1", P.EXPIRED, "", False),
+    ("expired", None, "1", P.EXPIRED, "", False),
+    ("expired", "0.4", "1", P.EXPIRED, "0.4 received after expiry", True),
+    ("cancelled", "0", "1", None, "unknown cryptoprocessing status 'cancelled'", False),
+    ("restricted", "1", "1", None, "unknown cryptoprocessing status 'restricted'", False),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "received", "expected", "state", "note", "late"), CRYPTOPROCESSING
+)
+def test_cryptoprocessing_mapping(
+    status: str,
+    received: str | None,
+    expected: str | None,
+    state: PaymentStatus | None,
+    note: str,
+    late: bool,
+) -> None:
+    provider = CryptoProcessing(CryptoProcessingSettings())
+    decision = provider.decide(told(status, received, expected), None, AT)
+    assert (decision.state, decision.note) == (state, note)
+    if late:
+        [(kind, proof)] = decision.anomalies
+        assert kind == "late_payment"
+        assert proof == {
+            "detail": f"{received} BTC received on a payment request the provider reports "
+            "expired: late payment, for review",
+            "received_amount": received,
+            "pay_currency": "BTC",
+        }
+    else:
+        assert decision.anomalies == ()
