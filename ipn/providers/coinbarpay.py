@@ -158,7 +158,7 @@ def _legacy_cipher(api_key: str, secret: str) -> Cipher[modes.CBC]:
 
 
 class CoinbarPay(Provider):
-    """CoinbarPay's gateway API (docs.coinbar.io): see /work/shared/providers/coinbarpay.md."""
+    """CoinbarPay's gateway API (docs.coinbar.io): see ../shared/providers/coinbarpay.md."""
 
     name: ClassVar[str] = "coinbarpay"
     has_status_api: ClassVar[bool] = True

@@ -55,7 +55,7 @@ def signature(body: bytes, secret: str) -> str:
 
 
 class CryptoProcessing(Provider):
-    """CryptoProcessing by CoinsPaid: see /work/shared/providers/cryptoprocessing.md.
+    """CryptoProcessing by CoinsPaid: see ../shared/providers/cryptoprocessing.md.
 
     It has no status API for payment requests: a verified callback is the only evidence.
     """
