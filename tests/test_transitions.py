@@ -22,6 +22,7 @@ from ipn.config import (
     CryptoProcessingSettings,
     CubePaySettings,
 )
+from ipn.polling import Schedule
 from ipn.processing import process_notification
 from ipn.providers.base import Decision, Snapshot
 from ipn.providers.bitcoinpaygate import BitcoinPaygate
@@ -32,13 +33,23 @@ from ipn.reconcile import check_payment, reconcile_due
 from ipn.services import Services
 from ipn.transitions import (
     Change,
+    Evidence,
     Finding,
     Verdict,
+    apply_snapshot,
     can_move,
+    expire_by_clock,
     judge,
     judge_expiry,
 )
-from models import AnomalyKind, AnomalyStatus, EventSource, NotificationStatus, PaymentStatus
+from models import (
+    AnomalyKind,
+    AnomalyStatus,
+    EventSource,
+    NotificationStatus,
+    Payment,
+    PaymentStatus,
+)
 
 from helpers import (
     JSON,
@@ -1074,3 +1085,119 @@ def test_cryptoprocessing_mapping(
         }
     else:
         assert decision.anomalies == ()
+
+
+# The writer: the one place a payment's state, timeline and anomalies are written ---------------
+
+
+def apply_told(
+    services: Services, payment_id: str, snapshot: Snapshot, source: EventSource = EventSource.POLL
+) -> Any:
+    with services.db.transaction() as session:
+        payment = session.get(Payment, payment_id)
+        assert payment is not None
+        return apply_snapshot(
+            session,
+            services.provider("cubepay"),
+            snapshot,
+            Evidence(source, "the test", None),
+            now=AT,
+            payment=payment,
+        )
+
+
+def cubepay_told(status: str, **fields: Any) -> Snapshot:
+    values: dict[str, Any] = {
+        "order_id": "M12345678",
+        "amount": Decimal("500"),
+        "currency": "TWD",
+        "pay_amount": Decimal("0.01"),
+        "paid_amount": Decimal("0.01"),
+        **fields,
+    }
+    return Snapshot(provider_status=status, **values)
+
+
+def test_writer_moves_with_one_event_and_takes_the_snapshot(services: Services) -> None:
+    payment = make_payment(services.db, created_at=AT, updated_at=AT)
+    as_of = AT + timedelta(minutes=1)
+    applied = apply_told(services, payment.id, cubepay_told("2", as_of=as_of, pay_address="bc1q"))
+    assert (applied.changed, applied.summary, applied.verdict) == (True, "pending -> paid", "move")
+    assert applied.reported is P.PAID and applied.anomaly_ids == []
+    paid = load_payment(services.db, payment.id)
+    assert (paid.status, paid.provider_status, paid.paid_amount) == (P.PAID, "2", Decimal("0.01"))
+    assert (paid.snapshot_at, paid.pay_address, paid.updated_at) == (as_of, "bc1q", AT)
+    assert paid.version == 2
+    [event] = events(services.db, payment.id)
+    assert (event.source, event.from_status, event.to_status) == (
+        EventSource.POLL,
+        P.PENDING,
+        P.PAID,
+    )
+    assert (event.provider_status, event.detail, event.at) == ("2", "the test: status 2", AT)
+    # The same answer again: no event, no anomaly.
+    again = apply_told(services, payment.id, cubepay_told("2", as_of=as_of))
+    assert (again.changed, again.summary, again.event) == (False, "duplicate: already paid", None)
+    assert len(events(services.db, payment.id)) == 1
+
+
+def test_writer_says_a_refusal_once_per_fact_and_records_each_replay(services: Services) -> None:
+    payment = make_payment(services.db, created_at=AT, updated_at=AT, provider_status="0")
+    first = apply_told(services, payment.id, cubepay_told("42"))
+    assert first.verdict == "refuse" and len(first.anomaly_ids) == 1
+    assert first.summary == "unknown status 42: no change, flagged for review"
+    second = apply_told(services, payment.id, cubepay_told("42"))
+    assert (second.verdict, second.event, second.anomaly_ids) == ("duplicate", None, [])
+    assert second.summary == "duplicate: unknown status 42: no change, flagged for review"
+    replayed = apply_told(services, payment.id, cubepay_told("42"), EventSource.REPLAY)
+    assert replayed.event is not None and replayed.anomaly_ids == []
+    held = load_payment(services.db, payment.id)
+    assert (held.status, held.provider_status) == (P.PENDING, "0")
+    assert [e.source for e in events(services.db, payment.id)] == [
+        EventSource.POLL,
+        EventSource.REPLAY,
+    ]
+    [anomaly] = anomalies(services.db)
+    assert anomaly.evidence["detail"] == "unknown status 42: no change, flagged for review"
+    assert anomaly.evidence["source"] == "the test"
+    assert anomaly.payment_id == payment.id
+
+
+def test_writer_never_lowers_money_or_the_providers_clock(services: Services) -> None:
+    later = AT + timedelta(hours=1)
+    payment = make_payment(
+        services.db, created_at=AT, updated_at=AT, paid_amount=Decimal("0.02"), snapshot_at=later
+    )
+    apply_told(services, payment.id, cubepay_told("6", paid_amount=Decimal("0"), as_of=later))
+    refunded = load_payment(services.db, payment.id)
+    assert (refunded.status, refunded.paid_amount) == (P.REFUNDED, Decimal("0.02"))
+    assert refunded.snapshot_at == later
+
+
+def test_our_clock_expires_an_open_payment_once(services: Services) -> None:
+    payment = make_payment(services.db, created_at=AT, updated_at=AT, provider_status="0")
+    with services.db.transaction() as session:
+        held = session.get(Payment, payment.id)
+        assert held is not None
+        applied = expire_by_clock(session, held, "past the deadline", AT, Schedule(), flag=True)
+        assert applied.changed and applied.summary == "pending -> expired"
+    with services.db.transaction() as session:
+        held = session.get(Payment, payment.id)
+        assert held is not None
+        again = expire_by_clock(session, held, "past the deadline", AT, Schedule(), flag=True)
+        assert (again.changed, again.event) == (False, None)
+    expired = load_payment(services.db, payment.id)
+    assert expired.status is P.EXPIRED and expired.expiry_inferred
+    [event] = events(services.db, payment.id)
+    assert (event.source, event.detail, event.provider_status) == (
+        EventSource.EXPIRY,
+        "expiry: past the deadline",
+        "0",
+    )
+    [anomaly] = anomalies(services.db)
+    assert anomaly.kind is AnomalyKind.INFERRED_EXPIRY
+    assert anomaly.evidence == {
+        "last_status": "0",
+        "detail": "past the deadline",
+        "source": "expiry",
+    }
