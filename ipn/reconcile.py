@@ -19,7 +19,7 @@ from ipn.errors import ConcurrentUpdate, ProviderError
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from ipn.services import Services
-from ipn.transitions import Evidence, apply_snapshot, expire_by_clock
+from ipn.transitions import Evidence, Verdict, apply_snapshot, expire_by_clock
 from models import EventSource, Payment, PaymentStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -220,10 +220,11 @@ def _apply_answer(
                 payment.poll_failures = 0
                 payment.last_checked_at = now
                 deadline = schedule.deadline(payment)
-                # Only an answer that says unpaid lets our clock decide: an unknown status or a
-                # refused `paid` is for review, not for expiry.
+                # Only an answer that says unpaid lets our clock decide: an unknown status, a
+                # refused `paid` or an answer about another payment is for review, not expiry.
                 if (
                     applied.reported is PaymentStatus.PENDING
+                    and applied.verdict is not Verdict.REFUSE
                     and payment.status is PaymentStatus.PENDING
                     and deadline
                     and now >= deadline

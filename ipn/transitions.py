@@ -124,6 +124,7 @@ class Applied:
     anomaly_ids: list[int] = field(default_factory=list)
     # The state the provider's answer maps to (None: a status we do not know).
     reported: PaymentStatus | None = None
+    # What was decided; a refusal already on record is still a refusal, with no event.
     verdict: Verdict = Verdict.DUPLICATE
 
 
@@ -433,7 +434,7 @@ def write(
         and not anomaly_ids
         and evidence.source is not EventSource.REPLAY
     ):
-        return Applied(payment, False, f"duplicate: {change.summary}", verdict=Verdict.DUPLICATE)
+        return Applied(payment, False, f"duplicate: {change.summary}", verdict=change.verdict)
 
     payment.status = change.after
     payment.expiry_inferred = change.expiry_inferred

@@ -587,8 +587,9 @@ def cp_deliver(app: Flask, services: Services, status: str, received: str) -> An
     [
         (cubepay_query_answer(2, source_amount="499"), AnomalyKind.AMOUNT_MISMATCH),
         (cubepay_query_answer(42), AnomalyKind.UNKNOWN_STATUS),
+        (cubepay_query_answer(0, order_id="M99"), AnomalyKind.REFERENCE_MISMATCH),
     ],
-    ids=["refused-paid", "unknown-status"],
+    ids=["refused-paid", "unknown-status", "another-payment"],
 )
 def test_defect_1_no_expiry_beside_a_refused_paid_or_an_unknown_status(
     services: Services,
@@ -1147,7 +1148,7 @@ def test_writer_says_a_refusal_once_per_fact_and_records_each_replay(services: S
     assert first.verdict == "refuse" and len(first.anomaly_ids) == 1
     assert first.summary == "unknown status 42: no change, flagged for review"
     second = apply_told(services, payment.id, cubepay_told("42"))
-    assert (second.verdict, second.event, second.anomaly_ids) == ("duplicate", None, [])
+    assert (second.verdict, second.event, second.anomaly_ids) == ("refuse", None, [])
     assert second.summary == "duplicate: unknown status 42: no change, flagged for review"
     replayed = apply_told(services, payment.id, cubepay_told("42"), EventSource.REPLAY)
     assert replayed.event is not None and replayed.anomaly_ids == []
