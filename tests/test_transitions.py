@@ -500,7 +500,10 @@ def test_a_snapshot_about_another_payment_is_refused(
     )
     assert label(change) == "R"
     assert change.summary == problem
-    assert change.findings[0].key.startswith("reference_mismatch:pay_1:")
+    told = reported_snapshot(**told_fields)
+    assert change.findings[0].key == (
+        f"reference_mismatch:pay_1:{told.provider_payment_id}:{told.order_id}"
+    )
     assert change.paid_amount == Decimal("0.5")
 
 
