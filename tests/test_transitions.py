@@ -1205,3 +1205,16 @@ def test_our_clock_expires_an_open_payment_once(services: Services) -> None:
         "detail": "past the deadline",
         "source": "expiry",
     }
+
+
+@pytest.mark.parametrize(
+    ("held_at", "told_at"), [(None, AT), (AT, None)], ids=["first-clock", "no-clock"]
+)
+def test_with_a_clock_on_one_side_only_money_orders_the_snapshots(
+    held_at: datetime | None, told_at: datetime | None
+) -> None:
+    held = Held(P.UNDERPAID, snapshot_at=held_at, paid_amount=Decimal("0.5"))
+    less = reported_snapshot(as_of=told_at, paid_amount=Decimal("0.1"))
+    assert label(judge(held, less, Decision(P.CONFIRMING), EventSource.POLL)) == "i"
+    more = reported_snapshot(as_of=told_at, paid_amount=Decimal("0.9"))
+    assert label(judge(held, more, Decision(P.CONFIRMING), EventSource.POLL)) == "m"
