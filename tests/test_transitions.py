@@ -1218,3 +1218,23 @@ def test_with_a_clock_on_one_side_only_money_orders_the_snapshots(
     assert label(judge(held, less, Decision(P.CONFIRMING), EventSource.POLL)) == "i"
     more = reported_snapshot(as_of=told_at, paid_amount=Decimal("0.9"))
     assert label(judge(held, more, Decision(P.CONFIRMING), EventSource.POLL)) == "m"
+
+
+def test_a_refusal_keeps_the_snapshot_as_exact_text() -> None:
+    told = reported_snapshot(
+        provider_status="2", amount=Decimal("9.990"), pay_currency="", as_of=AT, detail="Paid"
+    )
+    [finding] = judge(Held(P.PENDING), told, Decision(P.PAID), EventSource.POLL).findings
+    assert finding.proof == {
+        "provider_status": "2",
+        "snapshot": {
+            "provider_status": "2",
+            "order_id": "order-1",
+            "provider_payment_id": "pp-1",
+            "amount": "9.990",
+            "currency": "USD",
+            "paid_amount": "0.5",
+            "as_of": "2026-01-01 12:00:00+00:00",
+            "detail": "Paid",
+        },
+    }
