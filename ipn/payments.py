@@ -22,8 +22,8 @@ from ipn.errors import InvalidPaymentRequest, PaymentNotFound
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, PaymentRequest, Snapshot
 from ipn.services import Services
-from ipn.transitions import Evidence, apply_snapshot
-from models import EventSource, Payment, PaymentEvent, PaymentStatus, utcnow
+from ipn.transitions import Evidence, apply_snapshot, record_creation
+from models import EventSource, Payment, utcnow
 from models.base import MONEY_PRECISION, MONEY_SCALE
 
 MAX_ORDER_ID = 255
@@ -136,7 +136,6 @@ def _record(services: Services, request: CreateRequest, snapshot: Snapshot, toke
         provider=request.provider,
         order_id=request.order_id,
         provider_payment_id=snapshot.provider_payment_id,
-        status=PaymentStatus.PENDING,
         provider_status=snapshot.provider_status or None,
         amount=request.amount,
         currency=request.currency,
@@ -151,24 +150,19 @@ def _record(services: Services, request: CreateRequest, snapshot: Snapshot, toke
         created_at=now,
         updated_at=now,
     )
-    payment.next_check_at = Schedule.from_settings(services.settings).next_check_at(
-        payment, now, EventSource.CREATE
+    detail = (
+        f"created at {request.provider} as {snapshot.provider_payment_id or '-'}"
+        f", expires {snapshot.expires_at.isoformat() if snapshot.expires_at else '-'}"
     )
     try:
         with services.db.transaction() as session:
-            session.add(payment)
-            session.flush()
-            session.add(
-                PaymentEvent(
-                    payment_id=payment.id,
-                    at=now,
-                    source=EventSource.CREATE,
-                    from_status=None,
-                    to_status=PaymentStatus.PENDING,
-                    provider_status=payment.provider_status,
-                    detail=f"created at {request.provider} as {snapshot.provider_payment_id or '-'}"
-                    f", expires {snapshot.expires_at.isoformat() if snapshot.expires_at else '-'}",
-                )
+            record_creation(
+                session,
+                payment,
+                Evidence(EventSource.CREATE, "create"),
+                detail,
+                now,
+                schedule=Schedule.from_settings(services.settings),
             )
     except IntegrityError:
         # Only possible if a callback adopted it between the provider's answer and now.

@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from traceback import format_exception
 from typing import TypeVar
 
@@ -45,6 +46,7 @@ from models import (
     NotificationKind,
     NotificationStatus,
     Payment,
+    PaymentStatus,
     ReplayMode,
     utcnow,
 )
@@ -190,7 +192,22 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
         reason = f"{callback.authenticity} callback and no status API to confirm it: not applied"
         return _settle(services, claim, S.REJECTED, reason, error=reason)
 
+    earlier = _paid_before(provider, callback, snapshot, known, now)
+
     def apply(session: Session) -> Outcome:
+        schedule = Schedule.from_settings(services.settings)
+        if earlier is not None:
+            # The provider signed that it was paid; its answer now says what followed.
+            apply_snapshot(
+                session,
+                provider,
+                earlier,
+                Evidence(evidence.source, f"verified {claim.kind} #{claim.id}", claim.id),
+                now=now,
+                ref=callback.ref,
+                may_adopt=may_adopt,
+                schedule=schedule,
+            )
         applied = apply_snapshot(
             session,
             provider,
@@ -199,7 +216,7 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
             now=now,
             ref=callback.ref,
             may_adopt=may_adopt,
-            schedule=Schedule.from_settings(services.settings),
+            schedule=schedule,
         )
         if applied is None:
             message = "no such payment here and nothing verified to adopt it from"
@@ -349,12 +366,54 @@ def _evidence(
     return None, Evidence(source, origin, claim.id), False
 
 
+@dataclass(frozen=True)
+class _HeldAsPaid:
+    """The payment as it would stand had the provider's signed `paid` been applied first."""
+
+    status: PaymentStatus
+    created_at: datetime
+    amount: Decimal | None
+    currency: str | None
+    pay_amount: Decimal | None
+
+
+def _paid_before(
+    provider: Provider,
+    callback: Callback,
+    answer: Snapshot,
+    known: Payment | None,
+    now: datetime,
+) -> Snapshot | None:
+    """The callback's own verified `paid`, when the provider's later answer only makes sense
+    after it (paid, then refunded before the worker ran): it is applied first."""
+    own = callback.snapshot
+    if (
+        own is None
+        or own is answer
+        or callback.authenticity is not Authenticity.VERIFIED
+        or (known is not None and known.status is not PaymentStatus.PENDING)
+        or provider.decide(own, known, now).state is not PaymentStatus.PAID
+    ):
+        return None
+    held = _HeldAsPaid(
+        PaymentStatus.PAID,
+        known.created_at if known else now,
+        known.amount if known else own.amount,
+        known.currency if known else own.currency,
+        known.pay_amount if known else own.pay_amount,
+    )
+    if provider.decide(answer, held, now).state is not PaymentStatus.REFUNDED:
+        return None
+    return own
+
+
 def _record_anomaly_report(
     services: Services, claim: Claim, callback: Callback, known: Payment | None
 ) -> Outcome:
     """A provider's report of unexpected funds: kept for review, never a state change."""
     verified = callback.authenticity is Authenticity.VERIFIED
     key = anomaly_key(callback.fields, claim.body)
+    provider_name = claim.provider
 
     def record(session: Session) -> Outcome:
         anomaly_id = open_anomaly(
@@ -362,6 +421,7 @@ def _record_anomaly_report(
             AnomalyKind.UNEXPECTED_FUNDS,
             key,
             {
+                "detail": _anomaly_report_detail(provider_name, callback, verified),
                 "report": dict(callback.fields),
                 "verified": verified,
                 "order_id": callback.ref.order_id,
@@ -380,6 +440,21 @@ def _record_anomaly_report(
         return Outcome(S.PROCESSED, message, payment_id)
 
     return _in_transaction(services, record)
+
+
+def _anomaly_report_detail(provider: str, callback: Callback, verified: bool) -> str:
+    fields = callback.fields
+    amounts = ", ".join(
+        f"{name} {fields[name]}"
+        for name in ("paidBtc", "paidAmount", "fiatAmount", "currency")
+        if fields.get(name) not in (None, "")
+    )
+    about = callback.ref.order_id or callback.ref.provider_payment_id or "an unknown payment"
+    return (
+        f"{provider} reported unexpected funds on {about}"
+        f"{f' ({amounts})' if amounts else ''}; "
+        f"{'signed' if verified else 'unsigned'} report, no change, for review"
+    )
 
 
 def _outside_allowlist(services: Services, claim: Claim) -> str | None:

@@ -17,13 +17,12 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from ipn import rate_limit
-from ipn.anomalies import open_anomaly
 from ipn.errors import ConcurrentUpdate, ProviderError
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from ipn.services import Services
-from ipn.transitions import Evidence, apply_snapshot
-from models import AnomalyKind, EventSource, Payment, PaymentEvent, PaymentStatus, utcnow
+from ipn.transitions import Evidence, Verdict, apply_snapshot, expire_by_clock
+from models import EventSource, Payment, PaymentStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +331,15 @@ def _apply_answer(
                 payment.last_check_error = None
                 payment.last_checked_at = now
                 deadline = schedule.deadline(payment)
-                if payment.status is PaymentStatus.PENDING and deadline and now >= deadline:
+                # Only an answer that says unpaid lets our clock decide: an unknown status, a
+                # refused `paid` or an answer about another payment is for review, not expiry.
+                if (
+                    applied.reported is PaymentStatus.PENDING
+                    and applied.verdict is not Verdict.REFUSE
+                    and payment.status is PaymentStatus.PENDING
+                    and deadline
+                    and now >= deadline
+                ):
                     _expire(
                         session,
                         payment,
@@ -370,37 +377,20 @@ def _settle_by_clock(
             f"no status API and no final callback by {deadline.isoformat()} (expiry, "
             "callback retries and grace): expired by our clock"
         )
-        _expire(session, locked, now, detail, schedule)
-        open_anomaly(
-            session,
-            AnomalyKind.INFERRED_EXPIRY,
-            f"inferred_expiry:{locked.id}",
-            {"detail": detail, "last_status": locked.provider_status},
-            payment_id=locked.id,
-        )
+        _expire(session, locked, now, detail, schedule, flag=True)
     return Check(payment.id, "expired", "expired by our clock")
 
 
 def _expire(
-    session: Session, payment: Payment, now: datetime, detail: str, schedule: Schedule
+    session: Session,
+    payment: Payment,
+    now: datetime,
+    detail: str,
+    schedule: Schedule,
+    *,
+    flag: bool = False,
 ) -> None:
-    before = payment.status
-    payment.status = PaymentStatus.EXPIRED
-    payment.expiry_inferred = True
-    payment.updated_at = now
-    payment.next_check_at = schedule.next_check_at(payment, now)
-    session.flush()
-    session.add(
-        PaymentEvent(
-            payment_id=payment.id,
-            at=now,
-            source=EventSource.EXPIRY,
-            from_status=before,
-            to_status=PaymentStatus.EXPIRED,
-            provider_status=payment.provider_status,
-            detail=detail,
-        )
-    )
+    expire_by_clock(session, payment, detail, now, schedule, flag=flag)
 
 
 def _reschedule(services: Services, payment_id: str, when: datetime | None) -> None:

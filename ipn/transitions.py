@@ -1,18 +1,22 @@
-"""The payment state machine: a provider's snapshot applied to a payment, forward only, as one
-compare-and-set with its timeline event and any anomalies, inside the caller's transaction."""
+"""The payment state machine: one pure decision about what a piece of evidence does to a payment,
+and one writer that alone sets a payment's state, appends its timeline and opens its anomalies,
+as a compare-and-set inside the caller's transaction."""
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, Protocol
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from ipn.anomalies import open_anomaly
 from ipn.polling import Schedule
-from ipn.providers.base import PaymentRef, Provider, Snapshot
+from ipn.providers.base import Decision, PaymentRef, Provider, Snapshot
 from models import (
     AnomalyKind,
     EventSource,
@@ -44,6 +48,64 @@ def can_move(current: PaymentStatus, target: PaymentStatus, *, expiry_inferred: 
     return current is P.EXPIRED and expiry_inferred and target is P.PAID
 
 
+class Verdict(enum.StrEnum):
+    MOVE = "move"  # the payment goes to another state
+    NOTE = "note"  # same state, recorded on the timeline
+    REFUSE = "refuse"  # no change, an anomaly opened for review
+    DUPLICATE = "duplicate"  # nothing new: no event at all
+
+
+@dataclass(frozen=True)
+class Finding:
+    """An anomaly a change opens, keyed by the fact it is about so a repeat opens nothing."""
+
+    kind: AnomalyKind
+    key: str
+    detail: str
+    proof: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one piece of evidence does to a payment, decided before anything is written."""
+
+    verdict: Verdict
+    before: PaymentStatus
+    after: PaymentStatus
+    summary: str
+    findings: tuple[Finding, ...] = ()
+    # Whether the snapshot's provider status, details and clock are recorded on the payment.
+    takes_snapshot: bool = False
+    # The money seen once this change is written; never less than before.
+    paid_amount: Decimal | None = None
+    expiry_inferred: bool = False
+
+
+class HeldPayment(Protocol):
+    """What the decision reads of the payment as we hold it (a Payment row satisfies it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> PaymentStatus: ...
+    @property
+    def provider_status(self) -> str | None: ...
+    @property
+    def expiry_inferred(self) -> bool: ...
+    @property
+    def paid_amount(self) -> Decimal | None: ...
+    @property
+    def snapshot_at(self) -> datetime | None: ...
+    @property
+    def amount(self) -> Decimal | None: ...
+    @property
+    def currency(self) -> str | None: ...
+    @property
+    def order_id(self) -> str: ...
+    @property
+    def provider_payment_id(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class Evidence:
     """Why a snapshot is being applied: the timeline's `source` and the words that explain it."""
@@ -60,6 +122,400 @@ class Applied:
     summary: str
     event: PaymentEvent | None = None
     anomaly_ids: list[int] = field(default_factory=list)
+    # The state the provider's answer maps to (None: a status we do not know).
+    reported: PaymentStatus | None = None
+    # What was decided; a refusal already on record is still a refusal, with no event.
+    verdict: Verdict = Verdict.DUPLICATE
+
+
+# The decision -------------------------------------------------------------------------------
+
+
+def judge(
+    payment: HeldPayment, snapshot: Snapshot, decision: Decision, source: EventSource
+) -> Change:
+    """What the provider's snapshot, mapped to `decision` by its adapter, does to the payment.
+    Pure: reads nothing but its arguments, writes nothing."""
+    current = payment.status
+    status_text = f"status {snapshot.provider_status}"
+
+    mismatch = _reference_mismatch(payment, snapshot)
+    if mismatch:
+        key = f"reference_mismatch:{payment.id}:{snapshot.provider_payment_id}:{snapshot.order_id}"
+        return _refuse(
+            payment, Finding(AnomalyKind.REFERENCE_MISMATCH, key, mismatch, _proof(snapshot))
+        )
+
+    money = _more_money(payment.paid_amount, snapshot.paid_amount)
+    news = snapshot.provider_status != payment.provider_status or money != payment.paid_amount
+
+    older = _older(payment, snapshot, decision.state)
+    if older:
+        if not news:
+            return _nothing_new(payment, source, f"{status_text}: an older copy, no change")
+        return _ignore(payment, f"{older}: {status_text} ignored")
+
+    target = decision.state
+    if target is None:
+        key = f"unknown_status:{payment.id}:{snapshot.provider_status}"
+        return _refuse(
+            payment,
+            Finding(
+                AnomalyKind.UNKNOWN_STATUS,
+                key,
+                f"unknown {status_text}: no change, flagged for review",
+                _proof(snapshot),
+            ),
+        )
+
+    findings = tuple(
+        _finding(payment, snapshot, AnomalyKind(kind), proof, decision.note)
+        for kind, proof in decision.anomalies
+    )
+    note = f" ({decision.note})" if decision.note else ""
+
+    if target is current:
+        # The provider itself reports the expiry: no longer ours to overturn.
+        inferred = payment.expiry_inferred and target is not P.EXPIRED
+        if not news and inferred == payment.expiry_inferred:
+            return _nothing_new(payment, source, f"already {current.value}")
+        return Change(
+            Verdict.NOTE,
+            current,
+            current,
+            f"{status_text}{note}",
+            findings,
+            takes_snapshot=True,
+            paid_amount=money,
+            expiry_inferred=inferred,
+        )
+
+    if not can_move(current, target, expiry_inferred=payment.expiry_inferred):
+        if current in UNPAID_ENDS and target in MONEY_SEEN:
+            key = f"late_payment:{payment.id}:{snapshot.provider_status}:{_plain(money)}"
+            detail = (
+                f"{status_text} ({target.value}) after {current.value}: "
+                "late payment, no change, flagged for review"
+            )
+            return _refuse(
+                payment, Finding(AnomalyKind.LATE_PAYMENT, key, detail, _proof(snapshot)), money
+            )
+        return _ignore(
+            payment,
+            f"{status_text} ({target.value}) would move {current.value} backwards: ignored",
+            findings,
+        )
+
+    if target is P.PAID:
+        problem = _amount_problem(payment, snapshot)
+        if problem:
+            key = f"amount_mismatch:{payment.id}:{snapshot.amount}:{snapshot.currency}"
+            detail = f"{status_text} says paid, but {problem}: not marked paid"
+            return _refuse(
+                payment, Finding(AnomalyKind.AMOUNT_MISMATCH, key, detail, _proof(snapshot)), money
+            )
+
+    if current is P.EXPIRED:
+        note += " (overturns the expiry we inferred from our own clock)"
+    return Change(
+        Verdict.MOVE,
+        current,
+        target,
+        f"{status_text}{note}",
+        findings,
+        takes_snapshot=True,
+        paid_amount=money,
+        expiry_inferred=False,
+    )
+
+
+def judge_expiry(payment: HeldPayment, detail: str) -> Change:
+    """Our clock says the deadline has passed with nothing paid: an open payment expires."""
+    if payment.status.is_terminal:
+        return Change(
+            Verdict.DUPLICATE,
+            payment.status,
+            payment.status,
+            f"already {payment.status.value}",
+            paid_amount=payment.paid_amount,
+            expiry_inferred=payment.expiry_inferred,
+        )
+    return Change(
+        Verdict.MOVE,
+        payment.status,
+        P.EXPIRED,
+        detail,
+        paid_amount=payment.paid_amount,
+        expiry_inferred=True,
+    )
+
+
+def _refuse(payment: HeldPayment, finding: Finding, money: Decimal | None = None) -> Change:
+    return Change(
+        Verdict.REFUSE,
+        payment.status,
+        payment.status,
+        finding.detail,
+        (finding,),
+        paid_amount=payment.paid_amount if money is None else money,
+        expiry_inferred=payment.expiry_inferred,
+    )
+
+
+def _ignore(payment: HeldPayment, summary: str, findings: tuple[Finding, ...] = ()) -> Change:
+    return Change(
+        Verdict.NOTE,
+        payment.status,
+        payment.status,
+        summary,
+        findings,
+        paid_amount=payment.paid_amount,
+        expiry_inferred=payment.expiry_inferred,
+    )
+
+
+def _nothing_new(payment: HeldPayment, source: EventSource, summary: str) -> Change:
+    # A replay is recorded even when it changes nothing: an operator asked for it.
+    if source is EventSource.REPLAY:
+        return _ignore(payment, f"replayed: {summary}")
+    return Change(
+        Verdict.DUPLICATE,
+        payment.status,
+        payment.status,
+        f"duplicate: {summary}",
+        paid_amount=payment.paid_amount,
+        expiry_inferred=payment.expiry_inferred,
+    )
+
+
+def _older(payment: HeldPayment, snapshot: Snapshot, reported: PaymentStatus | None) -> str | None:
+    """Why the snapshot predates what the payment already holds, if it does."""
+    if snapshot.as_of is not None and payment.snapshot_at is not None:
+        if snapshot.as_of < payment.snapshot_at:
+            return (
+                f"stale snapshot as of {snapshot.as_of.isoformat()}, newer one applied as of "
+                f"{payment.snapshot_at.isoformat()}"
+            )
+        return None
+    # Without the provider's clock, money seen orders the snapshots: it never goes down while
+    # a payment is open (a refund or a failure is reported by its own status, not by less).
+    if (
+        reported is not None
+        and reported.is_open
+        and snapshot.paid_amount is not None
+        and payment.paid_amount is not None
+        and snapshot.paid_amount < payment.paid_amount
+    ):
+        return (
+            f"older snapshot: it shows {snapshot.paid_amount} paid, "
+            f"{payment.paid_amount} was already seen"
+        )
+    return None
+
+
+def _finding(
+    payment: HeldPayment,
+    snapshot: Snapshot,
+    kind: AnomalyKind,
+    proof: Mapping[str, Any],
+    note: str,
+) -> Finding:
+    key = f"{kind.value}:{payment.id}:{snapshot.provider_status}:{_plain(snapshot.paid_amount)}"
+    detail = str(proof.get("detail") or note or f"{kind.value} reported by the provider")
+    return Finding(kind, key, detail, {**proof, **_proof(snapshot)})
+
+
+def _more_money(held: Decimal | None, seen: Decimal | None) -> Decimal | None:
+    if seen is None:
+        return held
+    if held is None:
+        return seen
+    return max(held, seen)
+
+
+def _reference_mismatch(payment: HeldPayment, snapshot: Snapshot) -> str | None:
+    if snapshot.order_id and snapshot.order_id != payment.order_id:
+        return (
+            f"provider names order {snapshot.order_id!r}, "
+            f"payment {payment.id} is order {payment.order_id!r}"
+        )
+    if (
+        snapshot.provider_payment_id
+        and payment.provider_payment_id
+        and snapshot.provider_payment_id != payment.provider_payment_id
+    ):
+        return (
+            f"provider names payment {snapshot.provider_payment_id!r}, "
+            f"payment {payment.id} is {payment.provider_payment_id!r}"
+        )
+    return None
+
+
+def _amount_problem(payment: HeldPayment, snapshot: Snapshot) -> str | None:
+    """Why `paid` cannot be verified: both sides must name the same amount and currency."""
+    if payment.amount is None or payment.currency is None:
+        return "the payment has no amount or currency of its own to check it against"
+    if snapshot.amount is None:
+        return "the provider's answer names no amount"
+    if snapshot.currency is None:
+        return "the provider's answer names no currency we know"
+    if snapshot.amount != payment.amount:
+        return f"the amount is {snapshot.amount}, the payment asked {payment.amount}"
+    if snapshot.currency.upper() != payment.currency.upper():
+        return f"the currency is {snapshot.currency}, the payment asked {payment.currency}"
+    return None
+
+
+def _proof(snapshot: Snapshot) -> dict[str, Any]:
+    keys = (
+        "provider_status",
+        "order_id",
+        "provider_payment_id",
+        "amount",
+        "currency",
+        "pay_amount",
+        "pay_currency",
+        "paid_amount",
+        "as_of",
+        "detail",
+    )
+    values = {key: getattr(snapshot, key) for key in keys}
+    return {
+        "provider_status": snapshot.provider_status,
+        "snapshot": {
+            key: (value if isinstance(value, str) else str(value))
+            for key, value in values.items()
+            if value not in (None, "")
+        },
+    }
+
+
+def _plain(value: Decimal | None) -> str:
+    return "-" if value is None else format(value.normalize(), "f")
+
+
+# The writer ---------------------------------------------------------------------------------
+
+
+def write(
+    session: Session,
+    payment: Payment,
+    change: Change,
+    evidence: Evidence,
+    now: datetime,
+    *,
+    snapshot: Snapshot | None = None,
+    schedule: Schedule | None = None,
+) -> Applied:
+    """Write a decided change: the one place a payment's state, timeline and anomalies are
+    written. A refusal already on record writes nothing more, except for a replay."""
+    anomaly_ids = [
+        anomaly_id
+        for finding in change.findings
+        if (
+            anomaly_id := open_anomaly(
+                session,
+                finding.kind,
+                finding.key,
+                {**finding.proof, "detail": finding.detail, "source": evidence.description},
+                payment_id=payment.id,
+                notification_id=evidence.notification_id,
+            )
+        )
+        is not None
+    ]
+    provider_status = snapshot.provider_status if snapshot else payment.provider_status
+    if change.verdict is Verdict.DUPLICATE:
+        if schedule is not None:
+            payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
+        return Applied(payment, False, change.summary, None, anomaly_ids, verdict=change.verdict)
+    if (
+        change.verdict is Verdict.REFUSE
+        and not anomaly_ids
+        and evidence.source is not EventSource.REPLAY
+    ):
+        return Applied(payment, False, f"duplicate: {change.summary}", verdict=change.verdict)
+
+    payment.status = change.after
+    payment.expiry_inferred = change.expiry_inferred
+    if change.paid_amount is not None:
+        payment.paid_amount = change.paid_amount
+    if snapshot is not None and change.takes_snapshot:
+        payment.provider_status = snapshot.provider_status
+        _fill_details(payment, snapshot)
+        if snapshot.as_of and (payment.snapshot_at is None or snapshot.as_of > payment.snapshot_at):
+            payment.snapshot_at = snapshot.as_of
+    payment.updated_at = now
+    if schedule is not None:
+        payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
+    session.flush()  # the compare-and-set: StaleDataError if another worker moved it first
+    event = _event(
+        session,
+        payment,
+        evidence,
+        change.before,
+        change.after,
+        provider_status,
+        f"{evidence.description}: {change.summary}",
+        now,
+    )
+    moved = change.verdict is Verdict.MOVE
+    summary = f"{change.before.value} -> {change.after.value}" if moved else change.summary
+    return Applied(payment, moved, summary, event, anomaly_ids, verdict=change.verdict)
+
+
+def record_creation(
+    session: Session,
+    payment: Payment,
+    evidence: Evidence,
+    detail: str,
+    now: datetime,
+    *,
+    schedule: Schedule | None = None,
+) -> PaymentEvent:
+    """A new payment enters the state machine as `pending`, its first timeline line saying how."""
+    payment.status = P.PENDING
+    if schedule is not None:
+        payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
+    session.add(payment)
+    session.flush()  # a concurrent record of the same payment fails here, on the unique keys
+    return _event(session, payment, evidence, None, P.PENDING, payment.provider_status, detail, now)
+
+
+def expire_by_clock(
+    session: Session,
+    payment: Payment,
+    detail: str,
+    now: datetime,
+    schedule: Schedule,
+    *,
+    flag: bool = False,
+) -> Applied:
+    """Our clock settles an open payment past its deadline as `expired`; `flag` also opens an
+    anomaly, where the provider could not be asked."""
+    change = judge_expiry(payment, detail)
+    if flag and change.verdict is Verdict.MOVE:
+        finding = Finding(
+            AnomalyKind.INFERRED_EXPIRY,
+            f"inferred_expiry:{payment.id}",
+            detail,
+            {"last_status": payment.provider_status},
+        )
+        change = Change(
+            change.verdict,
+            change.before,
+            change.after,
+            change.summary,
+            (finding,),
+            paid_amount=change.paid_amount,
+            expiry_inferred=change.expiry_inferred,
+        )
+    return write(
+        session, payment, change, Evidence(EventSource.EXPIRY, "expiry"), now, schedule=schedule
+    )
+
+
+# Applying a provider's word -----------------------------------------------------------------
 
 
 def find_payment(
@@ -97,7 +553,6 @@ def adopt(
         provider=provider.name,
         order_id=order_id,
         provider_payment_id=provider_payment_id,
-        status=P.PENDING,
         amount=snapshot.amount,
         currency=snapshot.currency,
         adopted=True,
@@ -105,17 +560,8 @@ def adopt(
         updated_at=now,
     )
     _fill_details(payment, snapshot)
-    session.add(payment)
-    session.flush()  # a concurrent adoption of the same payment fails here, on the unique keys
-    _record(
-        session,
-        payment,
-        evidence,
-        None,
-        P.PENDING,
-        snapshot.provider_status,
-        f"adopted: first seen through {evidence.description}",
-        now,
+    record_creation(
+        session, payment, evidence, f"adopted: first seen through {evidence.description}", now
     )
     return payment
 
@@ -143,201 +589,22 @@ def apply_snapshot(
             if not may_adopt:
                 return None
             payment = adopt(session, provider, snapshot, ref, evidence, now)
-    schedule = schedule or Schedule()
-    current = payment.status
-    status_text = f"{provider.name} status {snapshot.provider_status}"
-
-    mismatch = _reference_mismatch(payment, snapshot)
-    if mismatch:
-        return _refuse(
-            session,
-            payment,
-            evidence,
-            snapshot,
-            now,
-            AnomalyKind.REFERENCE_MISMATCH,
-            f"reference_mismatch:{payment.id}:{snapshot.provider_payment_id}:{snapshot.order_id}",
-            mismatch,
-        )
-
-    if payment.snapshot_at and snapshot.as_of and snapshot.as_of < payment.snapshot_at:
-        detail = (
-            f"stale snapshot ignored: {status_text} as of {snapshot.as_of.isoformat()}, "
-            f"newer one applied as of {payment.snapshot_at.isoformat()}"
-        )
-        event = _note(
-            session, payment, evidence, snapshot, f"{evidence.description}: {detail}", now
-        )
-        return Applied(payment, False, detail, event)
-
-    decision = provider.decide(snapshot, payment)
-    anomaly_ids = [
-        anomaly_id
-        for kind, proof in decision.anomalies
-        if (
-            anomaly_id := open_anomaly(
-                session,
-                AnomalyKind(kind),
-                f"{kind}:{payment.id}:{snapshot.provider_status}",
-                {**proof, "provider_status": snapshot.provider_status},
-                payment_id=payment.id,
-                notification_id=evidence.notification_id,
-            )
-        )
-        is not None
-    ]
-    target = decision.state
-    note = f" ({decision.note})" if decision.note else ""
-
-    if target is None:
-        return _refuse(
-            session,
-            payment,
-            evidence,
-            snapshot,
-            now,
-            AnomalyKind.UNKNOWN_STATUS,
-            f"unknown_status:{payment.id}:{snapshot.provider_status}",
-            f"unknown {status_text}: no change, flagged for review",
-        )
-
-    if target is P.PAID and current is not P.PAID:
-        problem = _amount_problem(payment, snapshot)
-        if problem:
-            return _refuse(
-                session,
-                payment,
-                evidence,
-                snapshot,
-                now,
-                AnomalyKind.AMOUNT_MISMATCH,
-                f"amount_mismatch:{payment.id}:{snapshot.amount}:{snapshot.currency}",
-                f"{status_text} says paid, but {problem}: not marked paid",
-            )
-
-    if target is current:
-        payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
-        if snapshot.provider_status == payment.provider_status and not anomaly_ids:
-            if evidence.source is EventSource.REPLAY:
-                event = _note(
-                    session,
-                    payment,
-                    evidence,
-                    snapshot,
-                    f"{evidence.description}: {status_text}, no change",
-                    now,
-                )
-                return Applied(payment, False, "replayed: no change", event)
-            return Applied(payment, False, f"duplicate: already {current.value}")
-        payment.provider_status = snapshot.provider_status
-        _fill_details(payment, snapshot)
-        payment.updated_at = now
-        event = _note(
-            session,
-            payment,
-            evidence,
-            snapshot,
-            f"{evidence.description}: {status_text}{note}",
-            now,
-        )
-        return Applied(payment, False, f"still {current.value}: {status_text}", event, anomaly_ids)
-
-    if not can_move(current, target, expiry_inferred=payment.expiry_inferred):
-        if current in UNPAID_ENDS and target in MONEY_SEEN:
-            return _refuse(
-                session,
-                payment,
-                evidence,
-                snapshot,
-                now,
-                AnomalyKind.LATE_PAYMENT,
-                f"late_payment:{payment.id}:{snapshot.provider_status}",
-                f"{status_text} ({target.value}) after {current.value}: "
-                "late payment, no change, flagged for review",
-            )
-        detail = f"{status_text} ({target.value}) would move {current.value} backwards: ignored"
-        event = _note(
-            session, payment, evidence, snapshot, f"{evidence.description}: {detail}", now
-        )
-        return Applied(payment, False, detail, event, anomaly_ids)
-
-    overturned = current is P.EXPIRED
-    payment.status = target
-    payment.provider_status = snapshot.provider_status
-    payment.expiry_inferred = False
-    if snapshot.as_of:
-        payment.snapshot_at = snapshot.as_of
-    _fill_details(payment, snapshot)
-    payment.updated_at = now
-    payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
-    if overturned:
-        note += " (overturns the expiry we inferred from our own clock)"
-    session.flush()  # the compare-and-set: StaleDataError if another worker moved it first
-    event = _record(
+    decision = provider.decide(snapshot, payment, now)
+    change = judge(payment, snapshot, decision, evidence.source)
+    applied = write(
         session,
         payment,
+        change,
         evidence,
-        current,
-        target,
-        snapshot.provider_status,
-        f"{evidence.description}: {status_text}{note}",
         now,
+        snapshot=snapshot,
+        schedule=schedule or Schedule(),
     )
-    return Applied(payment, True, f"{current.value} -> {target.value}", event, anomaly_ids)
+    applied.reported = decision.state
+    return applied
 
 
-def _refuse(
-    session: Session,
-    payment: Payment,
-    evidence: Evidence,
-    snapshot: Snapshot,
-    now: datetime,
-    kind: AnomalyKind,
-    key: str,
-    detail: str,
-) -> Applied:
-    """Leave the payment as it is, open an anomaly, and say so on the timeline once per fact."""
-    anomaly_id = open_anomaly(
-        session,
-        kind,
-        key,
-        {
-            "detail": detail,
-            "provider_status": snapshot.provider_status,
-            "snapshot": _jsonable(snapshot),
-            "source": evidence.description,
-        },
-        payment_id=payment.id,
-        notification_id=evidence.notification_id,
-    )
-    if anomaly_id is None and evidence.source is not EventSource.REPLAY:
-        return Applied(payment, False, f"duplicate: {detail}")
-    event = _note(session, payment, evidence, snapshot, f"{evidence.description}: {detail}", now)
-    return Applied(payment, False, detail, event, [anomaly_id] if anomaly_id else [])
-
-
-def _note(
-    session: Session,
-    payment: Payment,
-    evidence: Evidence,
-    snapshot: Snapshot,
-    detail: str,
-    now: datetime,
-) -> PaymentEvent:
-    """A timeline event that moved nothing: to_status equals from_status."""
-    return _record(
-        session,
-        payment,
-        evidence,
-        payment.status,
-        payment.status,
-        snapshot.provider_status,
-        detail,
-        now,
-    )
-
-
-def _record(
+def _event(
     session: Session,
     payment: Payment,
     evidence: Evidence,
@@ -361,42 +628,8 @@ def _record(
     return event
 
 
-def _reference_mismatch(payment: Payment, snapshot: Snapshot) -> str | None:
-    if snapshot.order_id and snapshot.order_id != payment.order_id:
-        return (
-            f"provider names order {snapshot.order_id!r}, "
-            f"payment {payment.id} is order {payment.order_id!r}"
-        )
-    if (
-        snapshot.provider_payment_id
-        and payment.provider_payment_id
-        and snapshot.provider_payment_id != payment.provider_payment_id
-    ):
-        return (
-            f"provider names payment {snapshot.provider_payment_id!r}, "
-            f"payment {payment.id} is {payment.provider_payment_id!r}"
-        )
-    return None
-
-
-def _amount_problem(payment: Payment, snapshot: Snapshot) -> str | None:
-    if (
-        payment.amount is not None
-        and snapshot.amount is not None
-        and snapshot.amount != payment.amount
-    ):
-        return f"the amount is {snapshot.amount}, the payment asked {payment.amount}"
-    if (
-        payment.currency
-        and snapshot.currency
-        and snapshot.currency.upper() != payment.currency.upper()
-    ):
-        return f"the currency is {snapshot.currency}, the payment asked {payment.currency}"
-    return None
-
-
 def _fill_details(payment: Payment, snapshot: Snapshot) -> None:
-    """Take what the provider knows and we do not; the paid amount always follows the provider."""
+    """Take what the provider knows and we do not."""
     for name in (
         "provider_payment_id",
         "pay_amount",
@@ -409,26 +642,3 @@ def _fill_details(payment: Payment, snapshot: Snapshot) -> None:
         value = getattr(snapshot, name)
         if value is not None and getattr(payment, name) is None:
             setattr(payment, name, value)
-    if snapshot.paid_amount is not None:
-        payment.paid_amount = snapshot.paid_amount
-
-
-def _jsonable(snapshot: Snapshot) -> dict[str, Any]:
-    keys = (
-        "provider_status",
-        "order_id",
-        "provider_payment_id",
-        "amount",
-        "currency",
-        "pay_amount",
-        "pay_currency",
-        "paid_amount",
-        "as_of",
-        "detail",
-    )
-    values = {key: getattr(snapshot, key) for key in keys}
-    return {
-        key: (str(value) if value is not None and not isinstance(value, str) else value)
-        for key, value in values.items()
-        if value not in (None, "")
-    }

@@ -69,7 +69,6 @@ class Snapshot:
     # The provider's own clock when it took the snapshot (BitcoinPaygate `currentTime`).
     as_of: datetime | None = None
     detail: str = ""
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ref(self) -> PaymentRef:
@@ -209,8 +208,9 @@ class Provider(ABC):
         raise NotImplementedError(f"{self.name} cannot create payments")
 
     @abstractmethod
-    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None) -> Decision:
-        """Map the provider's status to our state, given the payment as we hold it (if we do)."""
+    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
+        """Map the provider's status to our state, given the payment as we hold it (if we do),
+        at `now`. Each anomaly's evidence carries a `detail` saying in words what happened."""
 
 
 def constant_time_equal(given: str | bytes, expected: str | bytes) -> bool:

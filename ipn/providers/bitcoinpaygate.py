@@ -6,6 +6,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -189,7 +190,6 @@ class BitcoinPaygate(Provider):
                 pay_url=_text(answer.get("paymentPageUrl")),
                 payment_uri=_text(answer.get("paymentAddress")),
                 expires_at=parse_time(answer.get("expirationTime"), "expirationTime"),
-                raw=answer,
             )
         except MalformedCallback as exc:
             raise ProviderUnavailable(
@@ -213,7 +213,7 @@ class BitcoinPaygate(Provider):
 
     # Status ------------------------------------------------------------------------------------
 
-    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None) -> Decision:
+    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
         status = snapshot.provider_status.strip().upper()
         state = STATES.get(status)
         if state is None:
@@ -222,6 +222,8 @@ class BitcoinPaygate(Provider):
             )
         if status == "INVALID":
             evidence = {
+                "detail": "BitcoinPaygate declared the payment INVALID (an invalid transaction, "
+                "the remainder never came, or overpaid in one transaction): failed, for review",
                 "status": snapshot.provider_status,
                 "paymentId": snapshot.provider_payment_id,
                 "merchantTransactionId": snapshot.order_id,
@@ -252,7 +254,6 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
         paid_amount=to_decimal(data.get("paidBtc"), "paidBtc"),
         expires_at=parse_time(data.get("expirationTime"), "expirationTime"),
         as_of=parse_time(data.get("currentTime"), "currentTime"),
-        raw=data,
     )
     return checked_snapshot(snapshot)
 

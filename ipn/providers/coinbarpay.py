@@ -316,7 +316,6 @@ class CoinbarPay(Provider):
                 pay_address=_text(answer.get("destination_address"), "destination_address"),
                 payment_uri=_text(answer.get("payment_string"), "payment_string"),
                 expires_at=now + self.settings.payment_timeout,
-                raw=answer,
             )
         except MalformedCallback as exc:
             raise ProviderUnavailable(f"{self.name}: create answer not understood: {exc}") from None
@@ -364,7 +363,7 @@ class CoinbarPay(Provider):
 
     # -- our states ------------------------------------------------------------------------
 
-    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None) -> Decision:
+    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
         status = snapshot.provider_status.upper()
         if status == "FAILED":
             if payment is not None and payment.status in (
@@ -456,6 +455,5 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
         pay_currency=_text(detail.get("destination_coin"), "payment_detail.destination_coin"),
         as_of=parse_time(data.get("update_time"), "update_time"),
         detail=descr if isinstance(descr, str) else "",
-        raw=data,
     )
     return checked_snapshot(snapshot)

@@ -163,7 +163,7 @@ class CryptoProcessing(Provider):
         payload["foreign_id"] = request.order_id
         return payload
 
-    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None) -> Decision:
+    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
         status = snapshot.provider_status.lower()
         state = STATES.get(status)
         if state is None:
@@ -171,7 +171,12 @@ class CryptoProcessing(Provider):
         received, expected = snapshot.paid_amount, snapshot.pay_amount
         if state is PaymentStatus.EXPIRED and received is not None and received > 0:
             # `expired` means nothing arrived in time: money on it now arrived after the end.
-            evidence = {"received_amount": str(received), "pay_currency": snapshot.pay_currency}
+            evidence = {
+                "detail": f"{received} {snapshot.pay_currency or ''} received on a payment request "
+                "the provider reports expired: late payment, for review",
+                "received_amount": str(received),
+                "pay_currency": snapshot.pay_currency,
+            }
             return Decision(
                 state, f"{received} received after expiry", (("late_payment", evidence),)
             )
@@ -202,7 +207,6 @@ def _snapshot(data: Mapping[str, Any]) -> Snapshot:
         paid_amount=to_decimal(sent.get("received_amount"), "currency_sent.received_amount"),
         pay_address=_text(address.get("address"), "payment_request_address.address"),
         expires_at=_epoch(data.get("expires_at"), "expires_at"),
-        raw=data,
     )
     return checked_snapshot(snapshot)
 
@@ -229,7 +233,6 @@ def _created(data: Mapping[str, Any], request: PaymentRequest) -> Snapshot:
         pay_address=_text(address.get("address"), "payment_request_address.address"),
         pay_url=_text(data.get("payment_link"), "payment_link"),
         expires_at=_epoch(data.get("life_time"), "life_time"),
-        raw=data,
     )
 
 

@@ -206,7 +206,6 @@ class CubePay(Provider):
                 pay_address=_text(pay_info.get("address")),
                 pay_url=_text(record.get("pay_url")),
                 detail=_text(record.get("status_message")) or "",
-                raw=record,
             )
             return checked_snapshot(snapshot)
         except UnstorableValue as exc:
@@ -228,7 +227,7 @@ class CubePay(Provider):
 
     # Status ------------------------------------------------------------------------------------
 
-    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None) -> Decision:
+    def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
         code = _code(snapshot.provider_status)
         paid = snapshot.paid_amount
         expected = snapshot.pay_amount
@@ -236,10 +235,7 @@ class CubePay(Provider):
             expected = payment.pay_amount
         if code == CANCELED:
             # CubePay reports an expired payment as canceled; only its age tells them apart.
-            if (
-                payment is not None
-                and datetime.now(UTC) >= _aware(payment.created_at) + PAYMENT_LIFETIME
-            ):
+            if payment is not None and now >= _aware(payment.created_at) + PAYMENT_LIFETIME:
                 return Decision(PaymentStatus.EXPIRED, note="canceled after its 6 h lifetime")
             return Decision(PaymentStatus.CANCELLED)
         if code == INIT:

@@ -78,6 +78,9 @@ API_URL = "https://coinbar.test"
 STATUS_URL = API_URL + "/coinbar/api/v2/pay/gateway/payment/order-1001/status"
 CREATE_URL = API_URL + "/coinbar/api/v2/pay/gateway/initiate"
 
+# When a status mapping is asked; only CubePay reads it.
+DECIDED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
 
 def hmac_sha256(body: bytes, secret: str = SECRET) -> str:
     """Computed here independently of the module under test."""
@@ -358,7 +361,7 @@ def test_legacy_decrypted_sandbox_payload_reads_as_a_status(provider: CoinbarPay
     assert callback.ref == PaymentRef("1", "499f5adb-5911-4d1f-8642-2c53c24075d9")
     assert callback.snapshot is not None
     assert (callback.snapshot.amount, callback.snapshot.currency) == (Decimal("0.05"), "EUR")
-    assert provider.decide(callback.snapshot, None).state is PaymentStatus.PAID
+    assert provider.decide(callback.snapshot, None, DECIDED_AT).state is PaymentStatus.PAID
 
 
 def _flip_inner(token: str, index: int) -> str:
@@ -481,11 +484,11 @@ def test_decide(
 ) -> None:
     snapshot = Snapshot(provider_status=status, order_id="order-1001", detail=descr)
     payment = HeldPayment(held) if held is not None else None
-    assert provider.decide(snapshot, payment).state == expected
+    assert provider.decide(snapshot, payment, DECIDED_AT).state == expected
 
 
 def test_unknown_status_says_which(provider: CoinbarPay) -> None:
-    decision = provider.decide(Snapshot(provider_status="ON_HOLD"), None)
+    decision = provider.decide(Snapshot(provider_status="ON_HOLD"), None, DECIDED_AT)
     assert decision.state is None
     assert "ON_HOLD" in decision.note
 
@@ -515,7 +518,7 @@ def test_fetch_status_sends_a_signed_get_and_reads_every_digit(
     assert snapshot.provider_status == "FAILED"
     assert snapshot.detail == "Timeout"
     assert snapshot.ref == PaymentRef("order-1001", "499f5adb-5911-4d1f-8642-2c53c24075d9")
-    assert provider.decide(snapshot, HeldPayment(PaymentStatus.PENDING)).state == (
+    assert provider.decide(snapshot, HeldPayment(PaymentStatus.PENDING), DECIDED_AT).state == (
         PaymentStatus.EXPIRED
     )
 

@@ -55,6 +55,9 @@ CALLBACK = (
     b'"fixed_at":1769773958,"expires_at":1769774157,"valid_until":1769774157}'
 )
 
+# When a status mapping is asked; only CubePay reads it.
+DECIDED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
 
 def hmac_sha512(body: bytes, secret: str = SECRET) -> str:
     """Computed here independently of the module under test."""
@@ -148,7 +151,7 @@ def test_genuine_callback_is_verified_with_ref_and_snapshot(provider: CryptoProc
         expires_at=datetime(2026, 1, 30, 11, 55, 57, tzinfo=UTC),
     )
     assert callback.fields["end_user_email"] == "test@test.com"
-    assert provider.decide(callback.snapshot, None).state is PaymentStatus.CONFIRMING
+    assert provider.decide(callback.snapshot, None, DECIDED_AT).state is PaymentStatus.CONFIRMING
 
 
 def test_amounts_keep_every_digit(provider: CryptoProcessing) -> None:
@@ -326,8 +329,8 @@ def test_decide(
         pay_amount=Decimal(expected) if expected else None,
         paid_amount=Decimal(received) if received else None,
     )
-    assert provider.decide(snapshot, HeldPayment(PaymentStatus.PENDING)).state == state
-    assert provider.decide(snapshot, None).state == state
+    assert provider.decide(snapshot, HeldPayment(PaymentStatus.PENDING), DECIDED_AT).state == state
+    assert provider.decide(snapshot, None, DECIDED_AT).state == state
 
 
 def test_underpaid_callback_end_to_end(provider: CryptoProcessing) -> None:
@@ -335,7 +338,7 @@ def test_underpaid_callback_end_to_end(provider: CryptoProcessing) -> None:
     body = callback_body(currency_sent=sent)
     callback = provider.read_callback("callback", body, signed(body))
     assert callback.snapshot is not None
-    decision = provider.decide(callback.snapshot, None)
+    decision = provider.decide(callback.snapshot, None, DECIDED_AT)
     assert decision.state is PaymentStatus.UNDERPAID
     assert "0.0040" in decision.note
 
@@ -389,7 +392,7 @@ def test_create_payment_sends_the_exact_signed_body(
         "https://pay.cryptoprocessing.com/request/0196f6a1-cab2-76fb-84c7-7e9ee9ddf6b4"
     )
     assert snapshot.expires_at == datetime(2024, 11, 12, 16, 0, tzinfo=UTC)
-    assert provider.decide(snapshot, None).state is PaymentStatus.PENDING
+    assert provider.decide(snapshot, None, DECIDED_AT).state is PaymentStatus.PENDING
 
 
 def test_create_payment_leaves_out_what_is_not_given(

@@ -486,7 +486,7 @@ def test_fetch_status_reads_the_first_answer_shape(
     assert snapshot.order_id == "1536292098"
     assert (snapshot.amount, snapshot.currency) == (Decimal("100"), "USDT")
     assert (snapshot.pay_amount, snapshot.paid_amount) == (Decimal("100"), Decimal("100"))
-    assert cubepay.decide(snapshot, None).state is PaymentStatus.REFUNDED
+    assert cubepay.decide(snapshot, None, NOW).state is PaymentStatus.REFUNDED
 
 
 def test_fetch_status_picks_the_record_with_our_id(
@@ -528,7 +528,7 @@ def test_fetch_status_keeps_an_unknown_status_for_review(
     add_query(mocked, answer_text([{**CREATED, "status": 9}]))
     snapshot = cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
     assert snapshot.provider_status == "9"
-    assert cubepay.decide(snapshot, None).state is None
+    assert cubepay.decide(snapshot, None, NOW).state is None
 
 
 def test_fetch_status_retries_a_transient_failure(
@@ -691,8 +691,7 @@ def test_status_table(
     state: PaymentStatus | None,
     note: str,
 ) -> None:
-    with time_machine.travel(NOW, tick=False):
-        decision = cubepay.decide(snapshot_of(status, paid, pay), HeldPayment())
+    decision = cubepay.decide(snapshot_of(status, paid, pay), HeldPayment(), NOW)
     assert decision.state is state
     assert decision.note == note
     assert decision.anomalies == ()
@@ -700,15 +699,15 @@ def test_status_table(
 
 def test_status_table_falls_back_to_the_held_crypto_amount(cubepay: CubePay) -> None:
     snapshot = snapshot_of("2", paid="0.5", pay=None)
-    assert cubepay.decide(snapshot, HeldPayment(pay_amount=Decimal("1"))).state is (
+    assert cubepay.decide(snapshot, HeldPayment(pay_amount=Decimal("1")), NOW).state is (
         PaymentStatus.UNDERPAID
     )
-    assert cubepay.decide(snapshot, None).state is PaymentStatus.PAID
+    assert cubepay.decide(snapshot, None, NOW).state is PaymentStatus.PAID
 
 
 def test_status_keys_on_the_number_not_the_message(cubepay: CubePay) -> None:
     snapshot = Snapshot(provider_status="0", detail="Paid", paid_amount=Decimal("1"))
-    assert cubepay.decide(snapshot, HeldPayment()).state is PaymentStatus.PENDING
+    assert cubepay.decide(snapshot, HeldPayment(), NOW).state is PaymentStatus.PENDING
 
 
 @pytest.mark.parametrize(
@@ -725,19 +724,18 @@ def test_canceled_is_expired_after_six_hours(
     cubepay: CubePay, age: timedelta, state: PaymentStatus
 ) -> None:
     held = HeldPayment(created_at=NOW)
-    with time_machine.travel(NOW + age, tick=False):
-        assert cubepay.decide(snapshot_of("-1"), held).state is state
+    assert cubepay.decide(snapshot_of("-1"), held, NOW + age).state is state
 
 
 def test_canceled_reads_a_naive_creation_time_as_utc(cubepay: CubePay) -> None:
     held = HeldPayment(created_at=NOW.replace(tzinfo=None))
-    with time_machine.travel(NOW + timedelta(hours=7), tick=False):
-        assert cubepay.decide(snapshot_of("-1"), held).state is PaymentStatus.EXPIRED
+    later = NOW + timedelta(hours=7)
+    assert cubepay.decide(snapshot_of("-1"), held, later).state is PaymentStatus.EXPIRED
 
 
 def test_canceled_without_a_held_payment_is_cancelled(cubepay: CubePay) -> None:
-    with time_machine.travel(NOW + timedelta(days=30), tick=False):
-        assert cubepay.decide(snapshot_of("-1"), None).state is PaymentStatus.CANCELLED
+    later = NOW + timedelta(days=30)
+    assert cubepay.decide(snapshot_of("-1"), None, later).state is PaymentStatus.CANCELLED
 
 
 # payment/coin --------------------------------------------------------------------------------
