@@ -679,7 +679,7 @@ def test_defect_3_the_providers_expiry_after_ours_makes_a_late_paid_an_anomaly(
     provider_api.replace(
         responses.GET, BPG_STATUS, body=bpg_snapshot("EXPIRED", current_time="2026-11-21T10:00:00Z")
     )
-    clock.move_to(START + timedelta(hours=1))
+    clock.move_to(_due(services, payment.id))  # the next poll, when the pass would make it
     check_payment(services, payment.id)
     expired = load_payment(services.db, payment.id)
     assert expired.status is PaymentStatus.EXPIRED and not expired.expiry_inferred
@@ -688,10 +688,16 @@ def test_defect_3_the_providers_expiry_after_ours_makes_a_late_paid_an_anomaly(
         BPG_STATUS,
         body=bpg_snapshot("CONFIRMED", current_time="2026-11-21T11:00:00Z"),
     )
-    clock.move_to(START + timedelta(hours=2))
+    clock.move_to(_due(services, payment.id))
     check_payment(services, payment.id)
     assert load_payment(services.db, payment.id).status is PaymentStatus.EXPIRED
     assert [a.kind for a in anomalies(services.db)] == [AnomalyKind.LATE_PAYMENT]
+
+
+def _due(services: Services, payment_id: str) -> datetime:
+    due = load_payment(services.db, payment_id).next_check_at
+    assert due is not None
+    return due
 
 
 def test_defect_10_cubepay_paid_in_a_coin_we_do_not_know_is_refused(
