@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
@@ -175,8 +175,8 @@ def judge(
     note = f" ({decision.note})" if decision.note else ""
 
     if target is current:
-        # The provider itself reports the expiry: no longer ours to overturn.
-        inferred = payment.expiry_inferred and target is not P.EXPIRED
+        # The provider itself reports how it ended: no longer ours to overturn.
+        inferred = payment.expiry_inferred and target not in UNPAID_ENDS
         if not news and inferred == payment.expiry_inferred:
             return _nothing_new(payment, source, f"already {current.value}")
         return Change(
@@ -191,14 +191,40 @@ def judge(
         )
 
     if not can_move(current, target, expiry_inferred=payment.expiry_inferred):
-        if current in UNPAID_ENDS and target in MONEY_SEEN:
+        more = money is not None and money > (payment.paid_amount or 0)
+        late = current in UNPAID_ENDS and (target in MONEY_SEEN or (target in UNPAID_ENDS and more))
+        if late:
             key = f"late_payment:{payment.id}:{snapshot.provider_status}:{_plain(money)}"
+            received = f" with {_plain(money)} received" if target in UNPAID_ENDS else ""
             detail = (
-                f"{status_text} ({target.value}) after {current.value}: "
+                f"{status_text} ({target.value}){received} after {current.value}: "
                 "late payment, no change, flagged for review"
             )
-            return _refuse(
-                payment, Finding(AnomalyKind.LATE_PAYMENT, key, detail, _proof(snapshot)), money
+            return replace(
+                _refuse(
+                    payment,
+                    Finding(AnomalyKind.LATE_PAYMENT, key, detail, _proof(snapshot)),
+                    money,
+                ),
+                # Money on an unpaid end is kept with the provider's status, so that its next
+                # copy is nothing new.
+                takes_snapshot=target in UNPAID_ENDS,
+                expiry_inferred=payment.expiry_inferred and target not in UNPAID_ENDS,
+            )
+        if current in UNPAID_ENDS and target in UNPAID_ENDS:
+            # Another unpaid end from the provider itself: its word, not our clock, now ends
+            # the payment, so a later `paid` is late money, not an overturn.
+            if not news and not payment.expiry_inferred:
+                return _nothing_new(payment, source, f"{status_text}: already {current.value}")
+            return Change(
+                Verdict.NOTE,
+                current,
+                current,
+                f"{status_text} ({target.value}) after {current.value}: stays {current.value}",
+                findings,
+                takes_snapshot=True,
+                paid_amount=money,
+                expiry_inferred=False,
             )
         return _ignore(
             payment,

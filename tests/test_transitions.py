@@ -86,11 +86,11 @@ pending       n        m           m          m     m        m       m          
 confirming    i        n           m          m     m        m       m          m         U
 underpaid     i        m           n          m     m        m       m          m         U
 paid          i        i           i          n     i        i       i          m         U
-expired       i        L           L          L     n        i       i          i         U
-failed        i        L           L          L     i        n       i          i         U
-cancelled     i        L           L          L     i        i       n          i         U
+expired       i        L           L          L     n        n       n          i         U
+failed        i        L           L          L     n        n       n          i         U
+cancelled     i        L           L          L     n        n       n          i         U
 refunded      i        i           i          i     i        i       i          n         U
-expired*      i        L           L          m     n        i       i          i         U
+expired*      i        L           L          m     n        n       n          i         U
 """
 # The same, when the provider repeats the status the payment already holds, for a replay and
 # for every other kind of evidence. `expired*` is expired by our own clock.
@@ -100,11 +100,11 @@ pending       d        m           m          m     m        m       m          
 confirming    i        d           m          m     m        m       m          m         U
 underpaid     i        m           d          m     m        m       m          m         U
 paid          i        i           i          d     i        i       i          m         U
-expired       i        L           L          L     d        i       i          i         U
-failed        i        L           L          L     i        d       i          i         U
-cancelled     i        L           L          L     i        i       d          i         U
+expired       i        L           L          L     d        d       d          i         U
+failed        i        L           L          L     d        d       d          i         U
+cancelled     i        L           L          L     d        d       d          i         U
 refunded      i        i           i          i     i        i       i          d         U
-expired*      i        L           L          m     n        i       i          i         U
+expired*      i        L           L          m     n        n       n          i         U
 """
 REPEAT_REPLAYED = """
               pending  confirming  underpaid  paid  expired  failed  cancelled  refunded  unknown
@@ -116,7 +116,7 @@ expired       i        L           L          L     i        i       i          
 failed        i        L           L          L     i        i       i          i         U
 cancelled     i        L           L          L     i        i       i          i         U
 refunded      i        i           i          i     i        i       i          i         U
-expired*      i        L           L          m     n        i       i          i         U
+expired*      i        L           L          m     n        n       n          i         U
 """
 # Our clock's expiry, by held state (the flag says whether an earlier expiry was ours).
 EXPIRY = """
@@ -185,7 +185,7 @@ def cells() -> list[tuple[PaymentStatus, PaymentStatus | None, bool, EventSource
         (held, reported, inferred, source)
         for held in STATES
         for reported in REPORTED
-        for inferred in (False, True)
+        for inferred in ((False, True) if held is P.EXPIRED else (False,))  # only ours is inferred
         for source in SNAPSHOT_KINDS
     ]
 
@@ -200,8 +200,9 @@ def check_cell(change: Change, cell: str, held: Held, reported: PaymentStatus | 
     else:
         assert change.after is held.status
     if cell == "n":
-        # The provider's own word on the expiry replaces ours.
-        assert change.expiry_inferred is (held.expiry_inferred and reported is not P.EXPIRED)
+        # The provider's own word on how an unpaid payment ended replaces our clock's.
+        ended = reported in {P.EXPIRED, P.FAILED, P.CANCELLED}
+        assert change.expiry_inferred is (held.expiry_inferred and not ended)
     elif cell != "m":
         assert change.expiry_inferred is held.expiry_inferred
         assert change.takes_snapshot is False
@@ -655,6 +656,55 @@ def test_defect_2_a_second_late_deposit_opens_its_own_anomaly_and_keeps_the_mone
     cp_deliver(app, services, "expired", "0.003")
     assert len(anomalies(services.db)) == 2
     assert len(events(services.db, payment.id)) == 3
+
+
+def test_money_on_a_providers_unpaid_end_after_our_expiry_is_kept_and_flagged(
+    app: Flask, services: Services
+) -> None:
+    """Our clock expired it; the provider then ends it `failed` with money received (it refunds
+    such payments itself). The money is recorded and flagged, the provider's end replaces our
+    inference, and a later `paid` is late money, not an overturn."""
+    payment = make_payment(
+        services.db,
+        provider="cryptoprocessing",
+        order_id="order_12345",
+        amount=Decimal("0.3"),
+        currency="ETH",
+        status=PaymentStatus.EXPIRED,
+        expiry_inferred=True,
+    )
+    cp_deliver(app, services, "failed", "0.0047")
+    held = load_payment(services.db, payment.id)
+    assert held.status is PaymentStatus.EXPIRED and not held.expiry_inferred
+    assert held.paid_amount == Decimal("0.0047")
+    [late] = anomalies(services.db)
+    assert late.kind is AnomalyKind.LATE_PAYMENT and "0.0047" in late.evidence["detail"]
+    row = cp_deliver(app, services, "failed", "0.0047")
+    assert "duplicate" in (row.outcome or "") and len(anomalies(services.db)) == 1
+    cp_deliver(app, services, "paid", "0.3")
+    assert load_payment(services.db, payment.id).status is PaymentStatus.EXPIRED
+    assert [a.kind for a in anomalies(services.db)] == [AnomalyKind.LATE_PAYMENT] * 2
+
+
+def test_a_providers_unpaid_end_after_our_expiry_ends_the_inference(
+    app: Flask, services: Services
+) -> None:
+    payment = make_payment(
+        services.db,
+        provider="cryptoprocessing",
+        order_id="order_12345",
+        amount=Decimal("0.3"),
+        currency="ETH",
+        status=PaymentStatus.EXPIRED,
+        expiry_inferred=True,
+    )
+    cp_deliver(app, services, "failed", "0")
+    held = load_payment(services.db, payment.id)
+    assert held.status is PaymentStatus.EXPIRED and not held.expiry_inferred
+    assert held.provider_status == "failed" and anomalies(services.db) == []
+    assert len(events(services.db, payment.id)) == 1
+    cp_deliver(app, services, "failed", "0")
+    assert len(events(services.db, payment.id)) == 1
 
 
 def test_defect_3_the_providers_expiry_after_ours_makes_a_late_paid_an_anomaly(
