@@ -11,19 +11,20 @@ lists the survivors as `file:line: original -> mutant`.
     .venv/bin/python bench/mutation.py cubepay transitions -j 2
 
 How it runs, and why so:
-- The mutant is compiled from the edited tree, not written to disk: the checkout stays as it is
-  and nothing needs copying. A small import hook serves the mutant's code under the module's own
-  name and file, so every `from ... import` in the project gets the mutant.
-- The parent imports the heavy third-party libraries once and forks a child per mutant; the child
-  imports the project afresh (through the hook) and runs pytest in-process. That saves the
-  seconds a new interpreter spends importing Flask, SQLAlchemy and Celery for every mutant.
-- Before mutating, one child runs the module's tests under coverage with one coverage context per
-  test, so each mutant runs only the tests that execute its line (with `-x`: the first failure
-  kills it). A line run only at import time (module level, class bodies) runs all the module's
-  tests. A mutant on a line no test runs is a survivor without running anything.
+- One pytest session collects the tests once, with coverage on, so the project and the test
+  modules are imported once. The script's plugin then replaces pytest's test loop.
+- A forked child runs every test once with one coverage context per test: that maps each line
+  to the tests that run it, fastest first. A line run only at import time (module level, class
+  bodies) maps to all the module's tests. A mutant on a line no test runs is a survivor without
+  running anything.
+- Each mutant is compiled from the edited tree in memory: the checkout is never written to and
+  nothing is copied. A forked child swaps the mutant's function bodies into the imported module
+  (`__code__`, so a class in a registry or a bound method sees them too), updates its tables in
+  place, rebinds its other names, and runs the line's tests through pytest's own runtest
+  protocol, stopping at the first failure.
 - Tests: the module's own fast tests on SQLite (`-k "not postgresql"`, no `postgres`, `worker` or
   `fault` marker). Tests that start processes would not see the mutant anyway.
-- A mutant still running after a timeout (a multiple of the unmutated run's time) is killed.
+- A mutant still running after a timeout (three times the mapping run, at least 20 s) is killed.
 
 Mutations: comparison operators (`==`/`!=`, `<`/`<=`, `>`/`>=`, `in`/`not in`, `is`/`is not`),
 `and`/`or`, `not x` -> `x`, arithmetic (`+`/`-`, `*`/`/`, `//` -> `/`, `%` -> `*`, augmented
