@@ -60,7 +60,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 FAST = ["-k", "not postgresql", "-m", "not postgres and not worker and not fault"]
-SHARED_TESTS = ["tests/test_processing.py", "tests/test_reconcile.py", "tests/test_payments.py"]
+SHARED_TESTS = [
+    "tests/test_transitions.py",
+    "tests/test_processing.py",
+    "tests/test_reconcile.py",
+    "tests/test_payments.py",
+]
 MODULES: dict[str, list[str]] = {
     "ipn/transitions.py": ["tests/providers", *SHARED_TESTS],
     "ipn/providers/cubepay.py": ["tests/providers/test_cubepay.py", *SHARED_TESTS],
