@@ -287,8 +287,10 @@ class Worker:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
+        """A warm shutdown, as a process manager asks for one: SIGTERM to the main process, which
+        stops its pool processes itself (so they exit normally and coverage data is saved)."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -638,3 +638,77 @@ def test_create_timeout_is_not_retried(
     with pytest.raises(ProviderUnavailable, match="timed out"):
         paygate.create_payment(payment_request())
     assert len(mocked.calls) == 1
+
+
+# What the adapter reads and sends, field by field ---------------------------------------------
+
+
+def with_changes(body: bytes, **changes: Any) -> bytes:
+    data = json.loads(body)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return json.dumps(data).encode()
+
+
+def test_fetch_status_keeps_our_id_when_the_answer_has_none(
+    paygate: BitcoinPaygate, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(responses.GET, STATUS_URL, body=with_changes(STATUS, paymentId=None))
+    snapshot = paygate.fetch_status(PaymentRef(provider_payment_id=PAYMENT_ID))
+    assert snapshot.provider_payment_id == PAYMENT_ID
+
+
+@pytest.mark.parametrize(
+    "field", ["amount", "amountBtc", "paidBtc", "expirationTime", "currentTime"]
+)
+def test_fetch_status_names_a_field_it_cannot_read(
+    paygate: BitcoinPaygate, mocked: responses.RequestsMock, field: str
+) -> None:
+    mocked.add(responses.GET, STATUS_URL, body=with_changes(STATUS, **{field: "soon"}))
+    with pytest.raises(ProviderUnavailable, match=f"cannot be read: {field} is not"):
+        paygate.fetch_status(PaymentRef(provider_payment_id=PAYMENT_ID))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        BitcoinPaygateSettings(api_key_name=KEY_NAME, api_url=API),
+        BitcoinPaygateSettings(api_key_secret=KEY_SECRET, api_url=API),
+    ],
+)
+def test_half_an_api_key_is_no_key(
+    mocked: responses.RequestsMock, settings: BitcoinPaygateSettings
+) -> None:
+    with pytest.raises(ProviderRejected, match="not configured"):
+        BitcoinPaygate(settings).fetch_status(PaymentRef(provider_payment_id=PAYMENT_ID))
+    assert len(mocked.calls) == 0
+
+
+def test_an_api_url_with_a_trailing_slash_is_joined_once(mocked: responses.RequestsMock) -> None:
+    paygate = BitcoinPaygate(
+        BitcoinPaygateSettings(api_key_name=KEY_NAME, api_key_secret=KEY_SECRET, api_url=API + "/")
+    )
+    mocked.add(responses.GET, STATUS_URL, body=STATUS)
+    paygate.fetch_status(PaymentRef(provider_payment_id=PAYMENT_ID))
+    assert mocked.calls[0].request.url == STATUS_URL
+
+
+def test_create_takes_the_order_id_the_answer_gives_else_ours(
+    paygate: BitcoinPaygate, mocked: responses.RequestsMock
+) -> None:
+    mocked.add(responses.POST, NEW_URL, body=with_changes(CREATED, merchantTransactionId="x-1"))
+    assert paygate.create_payment(payment_request()).order_id == "x-1"
+    mocked.replace(responses.POST, NEW_URL, body=with_changes(CREATED, merchantTransactionId=None))
+    assert paygate.create_payment(payment_request()).order_id == "2015-03-10/123/1"
+
+
+@pytest.mark.parametrize("field", ["amount", "expirationTime"])
+def test_create_names_a_field_it_cannot_read(
+    paygate: BitcoinPaygate, mocked: responses.RequestsMock, field: str
+) -> None:
+    mocked.add(responses.POST, NEW_URL, body=with_changes(CREATED, **{field: "soon"}))
+    with pytest.raises(ProviderUnavailable, match=f"cannot be read: {field} is not"):
+        paygate.create_payment(payment_request())

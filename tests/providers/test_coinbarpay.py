@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -18,6 +19,7 @@ import time_machine
 
 from ipn.config import CoinbarPaySettings, HTTPSettings
 from ipn.errors import (
+    ConfigurationError,
     ForgedCallback,
     InvalidPaymentRequest,
     MalformedCallback,
@@ -31,6 +33,7 @@ from ipn.providers.coinbarpay import (
     compact_json,
     decrypt_legacy_token,
     encrypt_legacy_token,
+    js_number_survives,
     signature,
 )
 from models import PaymentStatus
@@ -784,3 +787,173 @@ def test_create_payment_timeout_is_unavailable_and_not_retried(
     with pytest.raises(ProviderUnavailable):
         provider.create_payment(payment_request())
     assert len(mocked.calls) == 1
+
+
+# -- what the adapter reads and sends, field by field ------------------------------------------
+
+
+def test_compact_json_keeps_non_ascii_keys_as_they_are() -> None:
+    assert compact_json({"clé": ["é", Decimal("1.50")]}) == '{"clé":["é",1.5]}'.encode()
+
+
+@pytest.mark.parametrize(
+    ("value", "survives"),
+    [
+        (Decimal("1e-6"), True),
+        (Decimal("1e20"), True),
+        (Decimal("1e21"), False),
+        (Decimal("1e22"), False),
+        (Decimal("1e-7"), False),
+        (Decimal("NaN"), False),
+        (Decimal("Infinity"), False),
+    ],
+)
+def test_js_number_survives_at_the_edges(value: Decimal, survives: bool) -> None:
+    assert js_number_survives(value) is survives
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ("@@@@", "not base64"),
+        (base64.b64encode(b"@@@@").decode(), "not base64"),
+        ("é", "not base64"),
+        ("", "not whole AES blocks"),
+    ],
+)
+def test_a_legacy_token_that_does_not_decode_says_why(token: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        decrypt_legacy_token(token, LEGACY_KEY, LEGACY_IV)
+
+
+@pytest.mark.parametrize(("key", "iv"), [(LEGACY_KEY, "short"), ("short", LEGACY_IV)])
+def test_legacy_keys_of_the_wrong_size_are_named(key: str, iv: str) -> None:
+    with pytest.raises(ValueError, match="must be 32 bytes"):
+        decrypt_legacy_token(LEGACY_TOKEN, key, iv)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        CoinbarPaySettings(service_client_id=CLIENT_ID, api_url=API_URL),
+        CoinbarPaySettings(secret_key=SECRET, api_url=API_URL),
+    ],
+)
+def test_half_configured_is_not_configured(
+    mocked: responses.RequestsMock, settings: CoinbarPaySettings
+) -> None:
+    provider = CoinbarPay(settings)
+    with pytest.raises(MalformedCallback, match="not configured"):
+        provider.read_callback("callback", STATUS_ANSWER, {})
+    with pytest.raises(ConfigurationError, match="not configured"):
+        provider.fetch_status(PaymentRef("order-1001"))
+    assert len(mocked.calls) == 0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        CoinbarPaySettings(
+            service_client_id=CLIENT_ID, secret_key=SECRET, token_api_key=LEGACY_KEY
+        ),
+        CoinbarPaySettings(service_client_id=CLIENT_ID, secret_key=SECRET, token_secret=LEGACY_IV),
+    ],
+)
+def test_a_legacy_callback_needs_both_token_settings(settings: CoinbarPaySettings) -> None:
+    body = json.dumps({"serviceClientId": CLIENT_ID, "responseToken": LEGACY_TOKEN}).encode()
+    with pytest.raises(MalformedCallback, match="not configured"):
+        CoinbarPay(settings).read_callback("callback", body, {})
+
+
+def callback(provider: CoinbarPay, **changes: Any) -> Snapshot:
+    data = json.loads(STATUS_ANSWER)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    body = json.dumps(data).encode()
+    read = provider.read_callback("callback", body, {"SIGNATURE": hmac_sha256(body)})
+    assert read.snapshot is not None
+    return read.snapshot
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"payment_request_id_client": True}, "payment_request_id_client is not text"),
+        (
+            {"payment_request_id_client": None, "payment_request_id": True},
+            "payment_request_id is not text",
+        ),
+        ({"payment_id_coinbar": 1.5}, "payment_id_coinbar is not text"),
+        ({"input_coin": False}, "input_coin is not text"),
+        ({"payment_detail": {"total_price": "x"}}, "payment_detail.total_price is not"),
+        ({"payment_detail": {"destination_amount": "x"}}, "payment_detail.destination_amount"),
+        ({"payment_detail": {"destination_coin": 1.5}}, "payment_detail.destination_coin is"),
+        ({"update_time": "soon"}, "update_time is not"),
+        ({"status": 5}, "status is missing or not text"),
+        ({"status": ""}, "status is missing or not text"),
+    ],
+)
+def test_a_bad_callback_field_is_named(
+    provider: CoinbarPay, changes: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(MalformedCallback) as raised:
+        callback(provider, **changes)
+    assert named in str(raised.value)
+
+
+def test_callback_ids_as_numbers_empty_text_and_no_description(provider: CoinbarPay) -> None:
+    snapshot = callback(
+        provider,
+        payment_request_id_client="",
+        payment_request_id=1001,
+        status_descr=None,
+    )
+    assert snapshot.order_id == "1001"
+    assert snapshot.detail == ""
+
+
+def create_answer(**changes: Any) -> str:
+    data = json.loads(CREATE_ANSWER)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return json.dumps(data)
+
+
+def test_create_takes_the_coin_the_answer_names(
+    provider: CoinbarPay, mocked: responses.RequestsMock
+) -> None:
+    mocked.post(CREATE_URL, body=create_answer(destination_coin="USDT"))
+    assert provider.create_payment(payment_request(amount=Decimal("0.5"))).pay_currency == "USDT"
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"payment_id_coinbar": True}, "payment_id_coinbar is not text"),
+        ({"destination_amount": "x"}, "destination_amount is not"),
+        ({"destination_coin": 1.5}, "destination_coin is not text"),
+        ({"destination_address": 1.5}, "destination_address is not text"),
+        ({"payment_string": 1.5}, "payment_string is not text"),
+    ],
+)
+def test_a_bad_create_answer_field_is_named(
+    provider: CoinbarPay, mocked: responses.RequestsMock, changes: dict[str, Any], named: str
+) -> None:
+    mocked.post(CREATE_URL, body=create_answer(**changes))
+    with pytest.raises(ProviderUnavailable) as raised:
+        provider.create_payment(payment_request())
+    assert named in str(raised.value)
+
+
+def test_a_create_answer_without_a_result_says_so(
+    provider: CoinbarPay, mocked: responses.RequestsMock
+) -> None:
+    mocked.post(CREATE_URL, body=create_answer(result=None))
+    with pytest.raises(ProviderRejected, match="result missing"):
+        provider.create_payment(payment_request())

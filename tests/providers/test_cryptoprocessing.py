@@ -17,6 +17,7 @@ import responses
 
 from ipn.config import CryptoProcessingSettings, HTTPSettings
 from ipn.errors import (
+    ConfigurationError,
     ForgedCallback,
     InvalidPaymentRequest,
     MalformedCallback,
@@ -521,3 +522,146 @@ def test_create_payment_timeout_is_unavailable_and_not_retried(
     with pytest.raises(ProviderUnavailable, match="timed out"):
         provider.create_payment(payment_request())
     assert len(mocked.calls) == 1
+
+
+# -- what the adapter reads and sends, field by field ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings", [CryptoProcessingSettings(api_key=API_KEY), CryptoProcessingSettings(secret=SECRET)]
+)
+def test_half_configured_is_not_configured(settings: CryptoProcessingSettings) -> None:
+    provider = CryptoProcessing(settings)
+    with pytest.raises(MalformedCallback, match="not configured"):
+        provider.read_callback("callback", CALLBACK, signed(CALLBACK))
+    with pytest.raises(ConfigurationError, match="not configured"):
+        provider.create_payment(payment_request())
+
+
+def test_a_life_time_of_zero_is_a_configuration_error(mocked: responses.RequestsMock) -> None:
+    settings = CryptoProcessingSettings(
+        api_key=API_KEY, secret=SECRET, api_url=API_URL, life_time=timedelta(0)
+    )
+    with pytest.raises(ConfigurationError, match="LIFE_TIME"):
+        CryptoProcessing(settings).create_payment(payment_request())
+    assert len(mocked.calls) == 0
+
+
+def test_create_payment_sends_text_as_utf_8(
+    provider: CryptoProcessing, mocked: responses.RequestsMock
+) -> None:
+    mocked.post(CREATE_URL, body=CREATE_ANSWER)
+    provider.create_payment(payment_request(description="Café crème"))
+    assert "Café crème".encode() in mocked.calls[0].request.body
+
+
+def read(provider: CryptoProcessing, **changes: Any) -> Snapshot:
+    body = callback_body(**changes)
+    callback = provider.read_callback("callback", body, signed(body))
+    assert callback.snapshot is not None
+    return callback.snapshot
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"foreign_id": True}, "foreign_id is not text"),
+        ({"payment_request_id": [1]}, "payment_request_id is not text"),
+        ({"payment_request_amount": {"amount": "x"}}, "payment_request_amount.amount is not"),
+        ({"payment_request_amount": {"currency": True}}, "payment_request_amount.currency is"),
+        (
+            {"payment_request_amount": {"currency": {"iso": True}}},
+            "payment_request_amount.currency.iso is not text",
+        ),
+        ({"currency_sent": {"expected_amount": "x"}}, "currency_sent.expected_amount is not"),
+        ({"currency_sent": {"currency": False}}, "currency_sent.currency is not text"),
+        ({"currency_sent": {"received_amount": "x"}}, "currency_sent.received_amount is not"),
+        ({"payment_request_address": {"address": 1.5}}, "payment_request_address.address is"),
+        ({"expires_at": "soon"}, "expires_at"),
+    ],
+)
+def test_a_bad_callback_field_is_named(
+    provider: CryptoProcessing, changes: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(MalformedCallback) as raised:
+        read(provider, **changes)
+    assert named in str(raised.value)
+
+
+def test_callback_ids_as_numbers_bare_codes_and_empty_text(provider: CryptoProcessing) -> None:
+    snapshot = read(
+        provider,
+        foreign_id="",
+        payment_request_id=12345,
+        payment_request_amount={"currency": "ETH", "amount": "0.3"},
+    )
+    assert snapshot.order_id is None
+    assert snapshot.provider_payment_id == "12345"
+    assert snapshot.currency == "ETH"
+
+
+def create_answer(**changes: Any) -> str:
+    answer = json.loads(CREATE_ANSWER)
+    for key, value in changes.items():
+        if value is None:
+            answer["data"].pop(key, None)
+        else:
+            answer["data"][key] = value
+    return json.dumps(answer)
+
+
+def test_create_answer_says_what_it_says(
+    provider: CryptoProcessing, mocked: responses.RequestsMock
+) -> None:
+    mocked.post(
+        CREATE_URL,
+        body=create_answer(
+            status="pending",
+            foreign_id="theirs",
+            amount="99",
+            currency={"iso": "USD"},
+            currency_sent={"currency": {"iso": "LTC"}},
+        ),
+    )
+    snapshot = provider.create_payment(payment_request())
+    assert snapshot.provider_status == "pending"
+    assert (snapshot.order_id, snapshot.amount, snapshot.currency) == ("theirs", 99, "USD")
+    assert snapshot.pay_currency == "LTC"
+    assert snapshot.pay_url == (
+        "https://pay.cryptoprocessing.com/request/0196f6a1-cab2-76fb-84c7-7e9ee9ddf6b4"
+    )
+    assert snapshot.expires_at == datetime.fromtimestamp(1731427200, UTC)
+
+
+def test_create_answer_gaps_are_filled_from_the_request(
+    provider: CryptoProcessing, mocked: responses.RequestsMock
+) -> None:
+    mocked.post(
+        CREATE_URL, body=create_answer(status=None, foreign_id=None, amount=None, currency=None)
+    )
+    snapshot = provider.create_payment(payment_request(order_id="mine", amount=Decimal("7")))
+    assert snapshot.provider_status == "created"
+    assert (snapshot.order_id, snapshot.amount, snapshot.currency) == ("mine", 7, "EUR")
+    assert snapshot.pay_currency == "BTC"
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"id": True}, "id is not text"),
+        ({"foreign_id": 1.5}, "foreign_id is not text"),
+        ({"currency": False}, "currency is not text"),
+        ({"currency_sent": {"expected_amount": "x"}}, "currency_sent.expected_amount is not"),
+        ({"currency_sent": {"currency": False}}, "currency_sent.currency is not text"),
+        ({"payment_request_address": {"address": 1.5}}, "payment_request_address.address is"),
+        ({"payment_link": 1.5}, "payment_link is not text"),
+        ({"life_time": "next week"}, "life_time"),
+    ],
+)
+def test_a_bad_create_answer_field_is_named(
+    provider: CryptoProcessing, mocked: responses.RequestsMock, changes: dict[str, Any], named: str
+) -> None:
+    mocked.post(CREATE_URL, body=create_answer(**changes))
+    with pytest.raises(ProviderUnavailable) as raised:
+        provider.create_payment(payment_request())
+    assert named in str(raised.value)

@@ -906,3 +906,185 @@ def test_create_timeout_is_not_retried(cubepay: CubePay, mocked: responses.Reque
     with pytest.raises(ProviderUnavailable):
         cubepay.create_payment(payment_request())
     assert len(mocked.calls) == 1
+
+
+# What the adapter reads, sends and names, pinned field by field ------------------------------
+
+
+def test_a_form_body_declared_as_json_is_read_as_json(cubepay: CubePay) -> None:
+    with pytest.raises(MalformedCallback, match="JSON"):
+        cubepay.read_callback("ipn", EXAMPLE_IPN, JSON)
+
+
+def test_a_body_opening_an_array_is_read_as_json(cubepay: CubePay) -> None:
+    with pytest.raises(MalformedCallback, match="not an object"):
+        cubepay.read_callback("ipn", b'[{"merchant_transaction_id": "M1"}]', {})
+
+
+def test_json_ipn_signs_arrays_and_non_ascii_as_compact_json(cubepay: CubePay) -> None:
+    values = {
+        **example_as_json(),
+        "items": [1, "café", {"clé": "é"}],
+    }
+    fields = {k: v if isinstance(v, str) else "" for k, v in values.items()}
+    fields["source_coin_id"], fields["source_amount"] = "443", "500"
+    fields["items"] = '[1,"café",{"clé":"é"}]'
+    body = json.dumps({**values, "sign": reference_sign(fields)}, ensure_ascii=False).encode()
+    callback = cubepay.read_callback("ipn", body, JSON)
+    assert callback.authenticity is Authenticity.VERIFIED
+    assert callback.fields["items"] == '[1,"café",{"clé":"é"}]'
+
+
+def test_fetch_status_by_merchant_id_takes_the_last_record_without_ids(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    first = {k: v for k, v in CREATED.items() if k != "id"}
+    later = {**first, "status": 4}
+    add_query(mocked, answer_text([first, later]))
+    snapshot = cubepay.fetch_status(PaymentRef(order_id="M12345678"))
+    assert snapshot.provider_status == "4"
+
+
+def test_fetch_status_reads_a_record_without_pay_info_or_message(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    add_query(mocked, answer_text([{"id": CREATED["id"], "status": 1}]))
+    snapshot = cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    assert snapshot.provider_status == "1"
+    assert (snapshot.amount, snapshot.currency, snapshot.paid_amount) == (None, None, None)
+    assert snapshot.detail == ""
+
+
+@pytest.mark.parametrize(("status", "kept"), [(" 2", "2"), ("paid", "paid")])
+def test_fetch_status_keeps_a_status_code_as_a_number_else_as_sent(
+    cubepay: CubePay, mocked: responses.RequestsMock, status: str, kept: str
+) -> None:
+    add_query(mocked, answer_text([{**CREATED, "status": status}]))
+    snapshot = cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    assert snapshot.provider_status == kept
+
+
+def test_fetch_status_prefers_a_coin_symbol_to_its_id(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    pay_info = {**CREATED["pay_info"], "coin": {"id": 99, "symbol": "DOGE"}}
+    add_query(mocked, answer_text([{**CREATED, "pay_info": pay_info}]))
+    snapshot = cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    assert snapshot.pay_currency == "DOGE"
+
+
+def test_fetch_status_names_currencies_by_the_flat_coin_id_fields(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    pay_info = {k: v for k, v in CREATED["pay_info"].items() if k not in ("coin", "source_coin")}
+    pay_info.update(coin_id=2, source_coin_id=443)
+    add_query(mocked, answer_text([{**CREATED, "pay_info": pay_info}]))
+    snapshot = cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    assert (snapshot.currency, snapshot.pay_currency) == ("TWD", "BTC")
+
+
+@pytest.mark.parametrize(
+    ("pay_info", "named"),
+    [
+        ("not an object", "payment/query answered a payment we cannot read: pay_info is"),
+        ({"coin": "BTC"}, "pay_info.coin is not an object"),
+        ({"source_coin": 1}, "pay_info.source_coin is not an object"),
+        ({"source_amount": "many"}, "pay_info.source_amount is not a number"),
+        ({"amount": "many"}, "pay_info.amount is not a number"),
+        ({"paid_amount": "many"}, "pay_info.paid_amount is not a number"),
+    ],
+)
+def test_fetch_status_errors_name_the_field(
+    cubepay: CubePay, mocked: responses.RequestsMock, pay_info: Any, named: str
+) -> None:
+    add_query(mocked, answer_text([{**CREATED, "pay_info": pay_info}]))
+    with pytest.raises(ProviderUnavailable) as raised:
+        cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    assert named in str(raised.value)
+
+
+def test_fetch_status_error_names_the_call_and_the_answer(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    add_query(mocked, json.dumps({"data": "x"}))
+    with pytest.raises(ProviderUnavailable, match=r"^cubepay: payment/query answered without"):
+        cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+
+
+def test_fetch_status_needs_the_secret_too(mocked: responses.RequestsMock) -> None:
+    cubepay = CubePay(CubePaySettings(client_id=CLIENT_ID, api_url=API))
+    with pytest.raises(ProviderRejected, match="not configured"):
+        cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    assert len(mocked.calls) == 0
+
+
+def test_an_api_url_with_a_trailing_slash_is_joined_once(mocked: responses.RequestsMock) -> None:
+    cubepay = CubePay(CubePaySettings(client_id=CLIENT_ID, client_secret=SECRET, api_url=API + "/"))
+    add_query(mocked, answer_text([CREATED]))
+    cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    assert mocked.calls[0].request.url == f"{API}/payment/query"
+
+
+def test_create_takes_the_last_record_of_a_list(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    other = {**CREATED, "id": "C0000000000000000001"}
+    add_create(mocked, answer_text([other, CREATED]))
+    snapshot = cubepay.create_payment(payment_request())
+    assert snapshot.provider_payment_id == CREATED["id"]
+
+
+def test_create_fills_in_what_the_answer_leaves_out_from_the_request(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    pay_info = {
+        k: v
+        for k, v in CREATED["pay_info"].items()
+        if k not in ("merchant_transaction_id", "source_amount", "source_coin")
+    }
+    add_create(mocked, answer_text({**CREATED, "pay_info": pay_info}))
+    snapshot = cubepay.create_payment(payment_request(amount=Decimal("7.5"), currency="USD"))
+    assert (snapshot.order_id, snapshot.amount, snapshot.currency) == (
+        "M12345678",
+        Decimal("7.5"),
+        "USD",
+    )
+
+
+def test_create_keeps_what_the_answer_says(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    pay_info = {**CREATED["pay_info"], "merchant_transaction_id": "M-theirs"}
+    add_create(mocked, answer_text({**CREATED, "pay_info": pay_info}))
+    snapshot = cubepay.create_payment(payment_request(amount=Decimal("7.5"), currency="USD"))
+    assert (snapshot.order_id, snapshot.amount, snapshot.currency) == (
+        "M-theirs",
+        Decimal("500"),
+        "TWD",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "message"),
+    [
+        (json.dumps({"status": 500}), ProviderUnavailable, "^cubepay: payment/coin answered "),
+        (json.dumps({"status": 400}), ProviderRejected, "status 400: no message$"),
+        (json.dumps({"status": "odd"}), ProviderUnavailable, "status odd: no message$"),
+        (
+            answer_text({**CREATED, "pay_info": []}),
+            ProviderUnavailable,
+            "^cubepay: payment/coin answered a payment we cannot read",
+        ),
+    ],
+)
+def test_create_errors_name_the_call_and_the_answer(
+    cubepay: CubePay,
+    mocked: responses.RequestsMock,
+    text: str,
+    error: type[Exception],
+    message: str,
+) -> None:
+    add_create(mocked, text)
+    with pytest.raises(error, match=message) as raised:
+        cubepay.create_payment(payment_request())
+    assert type(raised.value) is error
