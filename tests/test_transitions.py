@@ -24,7 +24,7 @@ from ipn.config import (
 )
 from ipn.polling import Schedule
 from ipn.processing import process_notification
-from ipn.providers.base import Decision, Snapshot
+from ipn.providers.base import Decision, PaymentRef, Snapshot
 from ipn.providers.bitcoinpaygate import BitcoinPaygate
 from ipn.providers.coinbarpay import CoinbarPay
 from ipn.providers.cryptoprocessing import CryptoProcessing
@@ -39,6 +39,7 @@ from ipn.transitions import (
     apply_snapshot,
     can_move,
     expire_by_clock,
+    find_payment,
     judge,
     judge_expiry,
 )
@@ -1294,3 +1295,107 @@ def test_a_refusal_keeps_the_snapshot_as_exact_text() -> None:
             "detail": "Paid",
         },
     }
+
+
+def test_writer_schedules_the_next_check_even_for_a_duplicate(services: Services) -> None:
+    payment = make_payment(
+        services.db, created_at=AT, updated_at=AT, provider_status="0", next_check_at=AT
+    )
+    applied = apply_told(services, payment.id, cubepay_told("0", paid_amount=None))
+    assert applied.verdict == "duplicate"
+    assert load_payment(services.db, payment.id).next_check_at > AT
+
+
+def test_writer_a_refusal_on_record_changes_nothing(services: Services) -> None:
+    payment = make_payment(services.db, created_at=AT, updated_at=AT, provider_status="0")
+    apply_told(services, payment.id, cubepay_told("42"))
+    again = apply_told(services, payment.id, cubepay_told("42"))
+    assert (again.changed, again.event, again.anomaly_ids) == (False, None, [])
+
+
+def test_writer_keeps_the_providers_clock_when_a_snapshot_has_none(services: Services) -> None:
+    payment = make_payment(services.db, created_at=AT, updated_at=AT, snapshot_at=AT)
+    apply_told(services, payment.id, cubepay_told("1", as_of=None))
+    held = load_payment(services.db, payment.id)
+    assert (held.status, held.snapshot_at) == (P.CONFIRMING, AT)
+
+
+def test_writer_fills_every_detail_the_payment_lacks(services: Services) -> None:
+    payment = make_payment(services.db, created_at=AT, updated_at=AT)
+    expires = AT + timedelta(hours=6)
+    details = {
+        "provider_payment_id": "C100",
+        "pay_amount": Decimal("0.01"),
+        "pay_currency": "BTC",
+        "pay_address": "bc1qaddress",
+        "pay_url": "https://pay.example/C100",
+        "payment_uri": "bitcoin:bc1qaddress?amount=0.01",
+        "expires_at": expires,
+    }
+    apply_told(services, payment.id, cubepay_told("1", **details))
+    held = load_payment(services.db, payment.id)
+    assert {name: getattr(held, name) for name in details} == details
+    # What the payment already holds is kept.
+    apply_told(services, payment.id, cubepay_told("2", pay_address="bc1qother"))
+    assert load_payment(services.db, payment.id).pay_address == "bc1qaddress"
+
+
+def test_our_clocks_expiry_anomaly_is_keyed_by_the_payment(services: Services) -> None:
+    payment = make_payment(services.db, created_at=AT, updated_at=AT)
+    with services.db.transaction() as session:
+        held = session.get(Payment, payment.id)
+        assert held is not None
+        expire_by_clock(session, held, "past the deadline", AT, Schedule(), flag=True)
+    [anomaly] = anomalies(services.db)
+    assert anomaly.dedupe_key == f"inferred_expiry:{payment.id}"
+
+
+def test_find_payment_trusts_the_providers_id_over_our_order_id(services: Services) -> None:
+    first = make_payment(services.db, order_id="A1", provider_payment_id="C1")
+    second = make_payment(services.db, order_id="A2", provider_payment_id="C2")
+    with services.db.sessions() as session:
+        found = find_payment(session, "cubepay", PaymentRef("A1", "C2"))
+        assert found is not None and found.id == second.id
+        by_id = find_payment(session, "cubepay", PaymentRef(None, "C1"))
+        assert by_id is not None and by_id.id == first.id
+        assert find_payment(session, "cubepay", PaymentRef(None, "C3")) is None
+        assert find_payment(session, "cubepay", PaymentRef()) is None
+
+
+def test_a_snapshot_naming_nothing_finds_its_payment_by_the_callbacks_reference(
+    services: Services,
+) -> None:
+    payment = make_payment(services.db, created_at=AT, updated_at=AT)
+    with services.db.transaction() as session:
+        applied = apply_snapshot(
+            session,
+            services.provider("cubepay"),
+            cubepay_told("1", order_id=None),
+            Evidence(EventSource.CALLBACK, "the test", None),
+            now=AT,
+            ref=PaymentRef("M12345678"),
+        )
+        assert applied is not None and applied.payment.id == payment.id
+
+
+def test_adoption_takes_the_references_provider_id_and_says_so(services: Services) -> None:
+    with services.db.transaction() as session:
+        applied = apply_snapshot(
+            session,
+            services.provider("cubepay"),
+            cubepay_told("1", order_id="NEW1"),
+            Evidence(EventSource.CALLBACK, "ipn #9", None),
+            now=AT,
+            ref=PaymentRef("NEW1", "C900"),
+            may_adopt=True,
+        )
+        assert applied is not None
+        payment_id = applied.payment.id
+    adopted = load_payment(services.db, payment_id)
+    assert (adopted.order_id, adopted.provider_payment_id, adopted.adopted) == (
+        "NEW1",
+        "C900",
+        True,
+    )
+    first = events(services.db, payment_id)[0]
+    assert first.detail == "adopted: first seen through ipn #9"
