@@ -587,7 +587,7 @@ class Driver:
         reported = 0
 
         def start(index: int, site: Site) -> None:
-            selected = by_line.get(site.line, [])
+            selected = tests_for(site.line, by_line)
             if "" in selected:
                 selected = module_items  # run at import time: every test depends on it
             selected = [i for i in selected if not isinstance(i, str)]
@@ -654,6 +654,18 @@ class Driver:
             flush=True,
         )
         return result
+
+
+# A constant spread over several lines (a tuple of field names) runs as one instruction on its
+# statement's first line: a site on a later line takes the tests of the line above it that ran.
+STATEMENT_SPAN = 20
+
+
+def tests_for(line: int, by_line: dict[int, list[Any]]) -> list[Any]:
+    for candidate in range(line, max(0, line - STATEMENT_SPAN), -1):
+        if candidate in by_line:
+            return by_line[candidate]
+    return []
 
 
 def resolve(names: Sequence[str]) -> list[str]:
