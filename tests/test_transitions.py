@@ -1356,6 +1356,8 @@ def test_find_payment_trusts_the_providers_id_over_our_order_id(services: Servic
     with services.db.sessions() as session:
         found = find_payment(session, "cubepay", PaymentRef("A1", "C2"))
         assert found is not None and found.id == second.id
+        found = find_payment(session, "cubepay", PaymentRef("A2", "C1"))
+        assert found is not None and found.id == first.id
         by_id = find_payment(session, "cubepay", PaymentRef(None, "C1"))
         assert by_id is not None and by_id.id == first.id
         assert find_payment(session, "cubepay", PaymentRef(None, "C3")) is None
