@@ -679,7 +679,11 @@ def test_money_on_a_providers_unpaid_end_after_our_expiry_is_kept_and_flagged(
     assert held.status is PaymentStatus.EXPIRED and not held.expiry_inferred
     assert held.paid_amount == Decimal("0.0047")
     [late] = anomalies(services.db)
-    assert late.kind is AnomalyKind.LATE_PAYMENT and "0.0047" in late.evidence["detail"]
+    assert late.kind is AnomalyKind.LATE_PAYMENT
+    assert late.evidence["detail"] == (
+        "status failed (failed) with 0.0047 received after expired: "
+        "late payment, no change, flagged for review"
+    )
     row = cp_deliver(app, services, "failed", "0.0047")
     assert "duplicate" in (row.outcome or "") and len(anomalies(services.db)) == 1
     cp_deliver(app, services, "paid", "0.3")
