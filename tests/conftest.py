@@ -21,6 +21,8 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+import responses
+import time_machine
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
@@ -30,6 +32,8 @@ from ipn.config import Settings
 from ipn.db import Database
 from ipn.services import Services
 from models import Base, Notification, NotificationStatus
+
+from helpers import START
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -312,3 +316,17 @@ def start_worker(backend: Backend, tmp_path: Path) -> Iterator[Callable[..., Wor
     yield start
     for worker in workers:
         worker.stop()
+
+
+@pytest.fixture
+def provider_api() -> Iterator[responses.RequestsMock]:
+    """Provider APIs answer only what a test registers; any other call fails the test."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def clock() -> Iterator[Any]:
+    """Time stands at helpers.START until a test moves it."""
+    with time_machine.travel(START, tick=False) as traveller:
+        yield traveller

@@ -16,6 +16,12 @@ from ipn.db import Database
 from models import Anomaly, Notification, Payment, PaymentEvent, PaymentStatus
 
 PROVIDER_URL = "http://provider.test"
+# The moment the clock fixture holds, and the provider endpoints the status queries reach.
+START = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
+CUBEPAY_QUERY = f"{PROVIDER_URL}/cubepay/payment/query"
+BPG_ID = "95bf1d853cf2e040f0ce219221f9b17206525941"
+BPG_STATUS = f"{PROVIDER_URL}/bitcoinpaygate/v2/payments/{BPG_ID}"
+COINBAR_STATUS = f"{PROVIDER_URL}/coinbarpay/coinbar/api/v2/pay/gateway/payment/order-1001/status"
 
 # The example IPN of cubepay.md, byte for byte, signed with exampleclientsecret.
 CUBEPAY_IPN = (

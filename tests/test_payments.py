@@ -8,7 +8,6 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl
@@ -49,12 +48,6 @@ CUBEPAY_ANSWER = {
         },
     },
 }
-
-
-@pytest.fixture
-def provider_api() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
 
 
 def create(client: FlaskClient, headers: dict[str, str], **fields: Any) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
@@ -48,13 +47,6 @@ CUBEPAY_QUERY_URL = f"{PROVIDER_URL}/cubepay/payment/query"
 COINBAR_STATUS_URL = (
     f"{PROVIDER_URL}/coinbarpay/coinbar/api/v2/pay/gateway/payment/order-1001/status"
 )
-
-
-@pytest.fixture
-def provider_api() -> Iterator[responses.RequestsMock]:
-    """Provider APIs answer only what a test registers; any other call fails the test."""
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
 
 
 def deliver(

@@ -8,7 +8,6 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +16,6 @@ from typing import Any
 import pytest
 import requests
 import responses
-import time_machine
 from flask import Flask
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import OperationalError
@@ -31,7 +29,11 @@ from models import AnomalyKind, EventSource, Payment, PaymentStatus
 
 from conftest import Backend
 from helpers import (
-    PROVIDER_URL,
+    BPG_ID,
+    BPG_STATUS,
+    COINBAR_STATUS,
+    CUBEPAY_QUERY,
+    START,
     anomalies,
     bpg_snapshot,
     coinbarpay_status,
@@ -42,24 +44,6 @@ from helpers import (
     load_payment,
     make_payment,
 )
-
-START = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
-CUBEPAY_QUERY = f"{PROVIDER_URL}/cubepay/payment/query"
-BPG_ID = "95bf1d853cf2e040f0ce219221f9b17206525941"
-BPG_STATUS = f"{PROVIDER_URL}/bitcoinpaygate/v2/payments/{BPG_ID}"
-COINBAR_STATUS = f"{PROVIDER_URL}/coinbarpay/coinbar/api/v2/pay/gateway/payment/order-1001/status"
-
-
-@pytest.fixture
-def provider_api() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-@pytest.fixture
-def clock() -> Iterator[Any]:
-    with time_machine.travel(START, tick=False) as traveller:
-        yield traveller
 
 
 def cubepay(services: Services, order_id: str = "M12345678", **fields: Any) -> Any:

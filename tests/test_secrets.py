@@ -4,7 +4,6 @@ callbacks, status queries, creates and the API, with every logger at DEBUG."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import responses
@@ -30,12 +29,6 @@ SECRETS = [
     if name.endswith(("SECRET", "SECRET_KEY", "HMAC_KEY", "TOKEN_API_KEY", "API_KEY"))
 ]
 SECRETS += [FAST_ENV["IPN_API_TOKEN"], "tok_5f2b9c"]
-
-
-@pytest.fixture
-def provider_api() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
 
 
 def test_no_secret_is_logged(

@@ -4,7 +4,6 @@ or not, kind of evidence) against a table written out here, not imported from th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -12,7 +11,6 @@ from typing import Any
 
 import pytest
 import responses
-import time_machine
 from flask import Flask
 
 from ipn.anomalies import resolve_anomaly
@@ -53,8 +51,12 @@ from models import (
 )
 
 from helpers import (
+    BPG_ID,
+    BPG_STATUS,
+    COINBAR_STATUS,
+    CUBEPAY_QUERY,
     JSON,
-    PROVIDER_URL,
+    START,
     anomalies,
     bpg_signature,
     bpg_snapshot,
@@ -517,24 +519,6 @@ def test_a_reference_the_snapshot_or_payment_lacks_is_no_mismatch() -> None:
 
 
 # Each defect of issue 7, through the functions the Celery task and the pass call ---------------
-
-START = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
-CUBEPAY_QUERY = f"{PROVIDER_URL}/cubepay/payment/query"
-BPG_ID = "95bf1d853cf2e040f0ce219221f9b17206525941"
-BPG_STATUS = f"{PROVIDER_URL}/bitcoinpaygate/v2/payments/{BPG_ID}"
-COINBAR_STATUS = f"{PROVIDER_URL}/coinbarpay/coinbar/api/v2/pay/gateway/payment/order-1001/status"
-
-
-@pytest.fixture
-def provider_api() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-@pytest.fixture
-def clock() -> Iterator[Any]:
-    with time_machine.travel(START, tick=False) as traveller:
-        yield traveller
 
 
 def deliver(app: Flask, services: Services, path: str, body: bytes, headers: dict[str, str]) -> Any:
