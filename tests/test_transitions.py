@@ -518,7 +518,7 @@ def test_a_reference_the_snapshot_or_payment_lacks_is_no_mismatch() -> None:
     assert label(judge(held, reported_snapshot(), Decision(P.PAID), EventSource.POLL)) == "m"
 
 
-# Each defect of issue 7, through the functions the Celery task and the pass call ---------------
+# Each money-path defect, through the functions the Celery task and the pass call ----------------
 
 
 def deliver(app: Flask, services: Services, path: str, body: bytes, headers: dict[str, str]) -> Any:
