@@ -217,6 +217,10 @@ def notifications_show(notification_id: int, as_json: bool) -> None:
     for name, value in detail["headers"].items():
         click.echo(f"               {name}: {value}")
     click.echo(f"         body: ({detail['body_encoding']}) {detail['body']}")
+    if detail["traceback"]:
+        click.echo("    traceback:")
+        for line in detail["traceback"].rstrip("\n").splitlines():
+            click.echo(f"               {line}")
     for r in detail["replays"]:
         click.echo(
             f"       replay: {r['at']} {r['mode']} by {r['requested_by']} "

@@ -178,6 +178,8 @@ def notification_detail(session: Session, n: Notification) -> dict[str, Any]:
         "body": body,
         "body_encoding": encoding,
         "body_sha256": n.body_sha256,
+        # Why the last attempt failed, as the worker saw it (the row shows why, not only what).
+        "traceback": n.last_traceback,
         "replays": [
             {
                 "at": when(r.at),

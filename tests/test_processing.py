@@ -733,6 +733,7 @@ def test_a_bug_settles_the_row_failed_at_once_with_its_traceback(
     services: Services,
     provider_api: responses.RequestsMock,
     monkeypatch: pytest.MonkeyPatch,
+    api_headers: dict[str, str],
 ) -> None:
     payment = cubepay_payment(services)
     provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2))
@@ -752,6 +753,13 @@ def test_a_bug_settles_the_row_failed_at_once_with_its_traceback(
     assert row.last_error == "ZeroDivisionError: a bug in the mapping"
     assert "Traceback" in (row.last_traceback or "") and "broken" in (row.last_traceback or "")
     assert row.processed_at is not None and row.next_attempt_at is None
+    # An operator reads why, over the API and in the terminal.
+    shown = client.get(f"/api/notifications/{notification_id}", headers=api_headers).get_json()
+    assert shown["traceback"] == row.last_traceback
+    assert shown["last_error"] == "ZeroDivisionError: a bug in the mapping"
+    printed = app.test_cli_runner().invoke(args=["notifications", "show", str(notification_id)])
+    assert printed.exit_code == 0
+    assert "    traceback:" in printed.output and 'raise ZeroDivisionError("a bug' in printed.output
     assert load_payment(services.db, payment.id).status is PaymentStatus.PENDING
     assert events(services.db, payment.id) == []
     # Settled: the sweeper never picks it up again, let alone marks it dead without an attempt.
