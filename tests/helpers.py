@@ -51,6 +51,19 @@ def make_payment(db: Database, **fields: Any) -> Payment:
     return payment
 
 
+def bitcoinpaygate_payment(db: Database, **fields: Any) -> Payment:
+    """The BitcoinPaygate payment of the provider file's test vectors, as we would hold it."""
+    values: dict[str, Any] = {
+        "provider": "bitcoinpaygate",
+        "order_id": "2015-03-10/123/1",
+        "provider_payment_id": BPG_ID,
+        "amount": Decimal("10.00"),
+        "currency": "USD",
+        **fields,
+    }
+    return make_payment(db, **values)
+
+
 def load_payment(db: Database, payment_id: str) -> Payment:
     with db.sessions() as session:
         payment = session.get(Payment, payment_id)

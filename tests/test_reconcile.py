@@ -35,6 +35,7 @@ from helpers import (
     CUBEPAY_QUERY,
     START,
     anomalies,
+    bitcoinpaygate_payment,
     bpg_snapshot,
     coinbarpay_status,
     cryptoprocessing_callback,
@@ -120,13 +121,8 @@ def test_our_inferred_expiry_is_overturned_by_the_providers_paid(
 def test_bitcoinpaygate_paid_after_expired_opens_an_anomaly_and_stays_expired(
     services: Services, provider_api: responses.RequestsMock, clock: Any
 ) -> None:
-    payment = make_payment(
+    payment = bitcoinpaygate_payment(
         services.db,
-        provider="bitcoinpaygate",
-        order_id="2015-03-10/123/1",
-        provider_payment_id=BPG_ID,
-        amount=Decimal("10.00"),
-        currency="USD",
         created_at=START,
         updated_at=START,
         expires_at=START + timedelta(minutes=15),
@@ -452,13 +448,8 @@ def test_one_bad_answer_is_recorded_on_its_payment_and_the_pass_goes_on(
     else:
         if backend.name == "sqlite":
             pytest.skip("SQLite does not hold strings to their declared length")
-        broken = make_payment(
+        broken = bitcoinpaygate_payment(
             services.db,
-            provider="bitcoinpaygate",
-            order_id="2015-03-10/123/1",
-            provider_payment_id=BPG_ID,
-            amount=Decimal("10.00"),
-            currency="USD",
             created_at=START - timedelta(hours=7),
             updated_at=START - timedelta(hours=7),
             next_check_at=START - timedelta(minutes=2),

@@ -58,6 +58,7 @@ from helpers import (
     JSON,
     START,
     anomalies,
+    bitcoinpaygate_payment,
     bpg_signature,
     bpg_snapshot,
     coinbarpay_signature,
@@ -699,13 +700,8 @@ def test_a_providers_unpaid_end_after_our_expiry_ends_the_inference(
 def test_defect_3_the_providers_expiry_after_ours_makes_a_late_paid_an_anomaly(
     services: Services, provider_api: responses.RequestsMock, clock: Any
 ) -> None:
-    payment = make_payment(
+    payment = bitcoinpaygate_payment(
         services.db,
-        provider="bitcoinpaygate",
-        order_id="2015-03-10/123/1",
-        provider_payment_id=BPG_ID,
-        amount=Decimal("10.00"),
-        currency="USD",
         created_at=START,
         updated_at=START,
         expires_at=START + timedelta(minutes=15),
@@ -793,13 +789,8 @@ def test_defect_11_a_delayed_earlier_callback_never_lowers_the_money_or_the_stat
 def test_bitcoinpaygate_identical_copies_make_no_timeline_events(
     app: Flask, services: Services, provider_api: responses.RequestsMock
 ) -> None:
-    payment = make_payment(
+    payment = bitcoinpaygate_payment(
         services.db,
-        provider="bitcoinpaygate",
-        order_id="2015-03-10/123/1",
-        provider_payment_id=BPG_ID,
-        amount=Decimal("10.00"),
-        currency="USD",
     )
     # The status answer carries a later server clock than the notification it confirms.
     provider_api.get(
@@ -888,13 +879,8 @@ def test_every_anomaly_says_in_words_what_happened(
     clock.move_to(START + timedelta(hours=25))
     check_payment(services, cp.id)
     cp_deliver(app, services, "processing", "0.001")
-    bpg = make_payment(
+    bpg = bitcoinpaygate_payment(
         services.db,
-        provider="bitcoinpaygate",
-        order_id="2015-03-10/123/1",
-        provider_payment_id=BPG_ID,
-        amount=Decimal("10.00"),
-        currency="USD",
     )
     provider_api.get(BPG_STATUS, body=bpg_snapshot("INVALID"))
     body = bpg_snapshot("INVALID")
