@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import sys
@@ -135,6 +136,35 @@ class HTTPSettings:
     total_timeout: float = 30.0
 
 
+# How long after each failed attempt an event is tried again; past the last one it is `failed`.
+DEFAULT_EVENT_RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+@dataclass(frozen=True)
+class EventSettings:
+    """How events reach the merchant's endpoints."""
+
+    # One endpoint without the API (IPN_MERCHANT_WEBHOOK_URL); the secret also signs the
+    # events sent to a payment's own notify_url.
+    webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    # Loopback, private and plain-http endpoints, for local development and the sandbox.
+    allow_private: bool = False
+    connect_timeout: float = 3.05
+    # The whole attempt, answer included: a shop that trickles its answer cannot hold a worker.
+    total_timeout: float = 10.0
+    retry_schedule: tuple[int, ...] = DEFAULT_EVENT_RETRY_SCHEDULE
+    # After a rotation the previous secret still signs for this long.
+    secret_overlap: timedelta = timedelta(hours=24)
+    # An endpoint failing without a single delivery for this long is disabled.
+    disable_after: timedelta = timedelta(days=5)
+
+    @property
+    def lease(self) -> timedelta:
+        """How long an attempt holds its delivery: beyond any attempt's end."""
+        return timedelta(seconds=2 * self.total_timeout + 5)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -166,6 +196,7 @@ class Settings:
     late_payment_watch: timedelta = timedelta(hours=24)
     reconcile_batch: int = 200
     http: HTTPSettings = HTTPSettings()
+    events: EventSettings = EventSettings()
     cubepay: CubePaySettings = CubePaySettings()
     bitcoinpaygate: BitcoinPaygateSettings = BitcoinPaygateSettings()
     coinbarpay: CoinbarPaySettings = CoinbarPaySettings()
@@ -233,6 +264,22 @@ class Settings:
                 backoff_max=reader.number("IPN_HTTP_BACKOFF_MAX", 2.0),
                 total_timeout=reader.number("IPN_HTTP_TOTAL_TIMEOUT", 30.0),
             ),
+            events=EventSettings(
+                webhook_url=reader.text("IPN_MERCHANT_WEBHOOK_URL"),
+                webhook_secret=reader.text("IPN_MERCHANT_WEBHOOK_SECRET"),
+                allow_private=reader.flag("IPN_MERCHANT_ALLOW_PRIVATE"),
+                connect_timeout=reader.number("IPN_EVENT_CONNECT_TIMEOUT", 3.05),
+                total_timeout=reader.number("IPN_EVENT_TIMEOUT", 10.0),
+                retry_schedule=reader.seconds_list(
+                    "IPN_EVENT_RETRY_SCHEDULE", DEFAULT_EVENT_RETRY_SCHEDULE
+                ),
+                secret_overlap=timedelta(
+                    hours=reader.integer("IPN_MERCHANT_SECRET_OVERLAP_HOURS", 24, minimum=0)
+                ),
+                disable_after=timedelta(
+                    hours=reader.integer("IPN_MERCHANT_DISABLE_AFTER_HOURS", 120, minimum=1)
+                ),
+            ),
             cubepay=CubePaySettings(
                 client_id=reader.text("CUBEPAY_CLIENT_ID"),
                 client_secret=reader.text("CUBEPAY_CLIENT_SECRET"),
@@ -286,10 +333,35 @@ class Settings:
                 raise ConfigurationError(
                     "COINBARPAY_TOKEN_API_KEY must be 32 bytes and COINBARPAY_TOKEN_SECRET 16 bytes"
                 )
+        self._check_events()
         if self.task_retry_backoff_max >= self.visibility_timeout:
             raise ConfigurationError(
                 "IPN_TASK_RETRY_BACKOFF_MAX must be shorter than IPN_VISIBILITY_TIMEOUT"
             )
+
+    def _check_events(self) -> None:
+        events = self.events
+        if events.webhook_url and not events.webhook_secret:
+            raise ConfigurationError(
+                "IPN_MERCHANT_WEBHOOK_URL needs IPN_MERCHANT_WEBHOOK_SECRET to sign its events"
+            )
+        if events.webhook_secret and not _webhook_secret(events.webhook_secret):
+            raise ConfigurationError(
+                "IPN_MERCHANT_WEBHOOK_SECRET must be whsec_ followed by base64 (24 to 64 bytes)"
+            )
+        if events.webhook_url and not events.webhook_url.startswith(("https://", "http://")):
+            raise ConfigurationError("IPN_MERCHANT_WEBHOOK_URL must be an https:// URL")
+
+
+def _webhook_secret(secret: str) -> bool:
+    """A Standard Webhooks secret: `whsec_` and the base64 of the key bytes."""
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(secret[len("whsec_") :], validate=True)
+    except ValueError:
+        return False
+    return 24 <= len(key) <= 64
 
 
 def settings_or_exit(env: Mapping[str, str] | None = None) -> Settings:
@@ -336,6 +408,22 @@ class _EnvReader:
         if value <= 0:
             raise ConfigurationError(f"{name} must be positive, not {raw!r}")
         return value
+
+    def flag(self, name: str) -> bool:
+        raw = (self.text(name) or "0").lower()
+        if raw not in ("0", "1", "true", "false", "yes", "no"):
+            raise ConfigurationError(f"{name} must be 1 or 0, not {raw!r}")
+        return raw in ("1", "true", "yes")
+
+    def seconds_list(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        """`5,300,1800`: whole seconds, at least one."""
+        raw = self.text(name)
+        if raw is None:
+            return default
+        parts = [part.strip() for part in raw.split(",")]
+        if not all(part.isdigit() for part in parts):
+            raise ConfigurationError(f"{name} must look like 5,300,1800 (seconds), not {raw!r}")
+        return tuple(int(part) for part in parts)
 
     def url(self, name: str, default: str) -> str:
         value = self.text(name) or default

@@ -2,6 +2,16 @@
 
 from models.anomaly import Anomaly, AnomalyKind, AnomalyStatus
 from models.base import Base, Money, UTCDateTime, new_id, utcnow
+from models.event import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Endpoint,
+    EndpointOrigin,
+    EndpointStatus,
+    EventType,
+    MerchantEvent,
+)
 from models.notification import (
     Notification,
     NotificationKind,
@@ -19,7 +29,15 @@ __all__ = [
     "AnomalyKind",
     "AnomalyStatus",
     "Base",
+    "Delivery",
+    "DeliveryAttempt",
+    "DeliveryStatus",
+    "Endpoint",
+    "EndpointOrigin",
+    "EndpointStatus",
     "EventSource",
+    "EventType",
+    "MerchantEvent",
     "Money",
     "Notification",
     "NotificationKind",

@@ -100,6 +100,9 @@ class Payment(Base):
     leased_until: Mapped[datetime | None]
     # Per-payment secret the provider echoes back (CubePay `other`); never logged or shown.
     callback_token: Mapped[str | None] = mapped_column(String(64))
+    # The sequence of the payment's newest merchant event; bumped in the transaction of the
+    # change, under the compare-and-set below, so two events never share a number.
+    event_sequence: Mapped[int] = mapped_column(default=0, server_default="0")
     # Every UPDATE is a compare-and-set on this column (SQLAlchemy raises StaleDataError when
     # the row changed underneath): concurrent workers cannot both apply a transition.
     version: Mapped[int] = mapped_column(default=1)

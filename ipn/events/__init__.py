@@ -1,0 +1,2 @@
+"""The way out: events born beside each committed change, signed and delivered to the merchant's
+endpoints until they answer."""
