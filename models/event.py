@@ -65,6 +65,8 @@ class Endpoint(Base):
     # The first failed attempt since the last delivered one; long enough ago, it disables.
     failing_since: Mapped[datetime | None]
     disabled_reason: Mapped[str | None] = mapped_column(Text)
+    # A deleted endpoint stays as the target of its past deliveries, hidden from listings.
+    deleted_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -34,6 +34,7 @@ def upgrade() -> None:
     sa.Column('payment_id', sa.String(length=32), nullable=True),
     sa.Column('failing_since', models.base.UTCDateTime(timezone=True), nullable=True),
     sa.Column('disabled_reason', sa.Text(), nullable=True),
+    sa.Column('deleted_at', models.base.UTCDateTime(timezone=True), nullable=True),
     sa.Column('created_at', models.base.UTCDateTime(timezone=True), nullable=False),
     sa.Column('updated_at', models.base.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['payment_id'], ['payments.id'], name=op.f('fk_endpoints_payment_id_payments')),
