@@ -10,7 +10,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from models import Anomaly, AnomalyKind, AnomalyStatus, utcnow
+from ipn.events import outbox
+from models import Anomaly, AnomalyKind, AnomalyStatus, EventType, Payment, utcnow
 
 
 def open_anomaly(
@@ -54,8 +55,15 @@ def resolve_anomaly(session: Session, anomaly_id: int, resolution: str, by: str)
         raise LookupError(f"no anomaly {anomaly_id}")
     if anomaly.status is AnomalyStatus.RESOLVED:
         raise ValueError(f"anomaly {anomaly_id} is already resolved")
+    now = utcnow()
     anomaly.status = AnomalyStatus.RESOLVED
     anomaly.resolution = resolution
     anomaly.resolved_by = by
-    anomaly.resolved_at = utcnow()
+    anomaly.resolved_at = now
+    payment = (
+        session.get(Payment, anomaly.payment_id, with_for_update=True)
+        if anomaly.payment_id
+        else None
+    )
+    outbox.anomaly_event(session, EventType.ANOMALY_RESOLVED, anomaly, payment, now)
     return anomaly

@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ipn.config import Settings
-from ipn.dispatch import Dispatcher, sender
+from ipn.dispatch import Dispatcher, delivery_sender, sender
 from ipn.services import Services
 from workers.app import make_celery
 
@@ -35,6 +35,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     celery = make_celery(app, settings)
     app.extensions["celery"] = celery
     app.extensions["ipn.dispatcher"] = Dispatcher(sender(celery))
+    app.extensions["ipn.event_dispatcher"] = Dispatcher(
+        delivery_sender(celery), what="event delivery"
+    )
+
+    def wake(delivery_ids: list[int]) -> None:
+        dispatcher = app.extensions["ipn.event_dispatcher"]
+        for delivery_id in delivery_ids:
+            dispatcher.submit(delivery_id)
+
+    services.wake_deliveries = wake
+    if settings.events.allow_private:
+        logging.getLogger("ipn.events").warning(
+            "IPN_MERCHANT_ALLOW_PRIVATE is on: merchant endpoints may be plain http and "
+            "loopback or private addresses; for local development only"
+        )
 
     from ipn import api, callbacks, cli, health
 

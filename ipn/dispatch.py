@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 # The worker's task for one stored notification (workers.tasks.process_notification).
 PROCESS_TASK = "ipn.process_notification"
+# The worker's task for one delivery of a merchant event (workers.tasks.deliver_event).
+DELIVER_TASK = "ipn.deliver_event"
 
 
 def enqueue(celery: Celery, notification_id: int) -> None:
@@ -32,11 +34,23 @@ def sender(celery: Celery) -> Callable[[int], None]:
     return partial(enqueue, celery)
 
 
+def enqueue_delivery(celery: Celery, delivery_id: int, countdown: float | None = None) -> None:
+    """Publish one delivery id for a worker; a lost publish is found again by `deliver_due`."""
+    celery.send_task(DELIVER_TASK, args=[delivery_id], countdown=countdown, retry=False)
+
+
+def delivery_sender(celery: Celery) -> Callable[[int], None]:
+    return partial(enqueue_delivery, celery)
+
+
 class Dispatcher:
     """A bounded queue drained by one daemon thread per process (restarted after a fork)."""
 
-    def __init__(self, send: Callable[[int], None], capacity: int = 10_000) -> None:
+    def __init__(
+        self, send: Callable[[int], None], capacity: int = 10_000, *, what: str = "notification"
+    ) -> None:
         self._send = send
+        self._what = what
         self._capacity = capacity
         self._pid = -1
         self._lock = threading.Lock()
@@ -53,7 +67,7 @@ class Dispatcher:
         except queue.Full:
             self.dropped += 1
             log.warning(
-                "dispatch queue full; notification %s left for the sweeper", notification_id
+                "dispatch queue full; %s %s left for the sweeper", self._what, notification_id
             )
 
     def drain(self, timeout: float = 5.0) -> bool:
@@ -85,7 +99,8 @@ class Dispatcher:
             except Exception as exc:
                 self.failed += 1
                 log.warning(
-                    "could not enqueue notification %s (%s); the sweeper will pick it up",
+                    "could not enqueue %s %s (%s); the sweeper will pick it up",
+                    self._what,
                     notification_id,
                     type(exc).__name__,
                 )

@@ -33,6 +33,7 @@ from ipn.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
+from ipn.events import outbox
 from ipn.inbox import TRACEBACK_LIMIT, settle, storable
 from ipn.polling import Schedule
 from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
@@ -430,6 +431,9 @@ def _record_anomaly_report(
             payment_id=known.id if known else None,
             notification_id=claim.id,
         )
+        if anomaly_id is not None:
+            payment = session.get(Payment, known.id) if known else None
+            outbox.anomalies_opened(session, payment, [anomaly_id], utcnow())
         message = (
             f"anomaly #{anomaly_id} opened"
             if anomaly_id

@@ -15,6 +15,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from ipn.anomalies import open_anomaly
+from ipn.events import outbox
 from ipn.polling import Schedule
 from ipn.providers.base import Decision, PaymentRef, Provider, Snapshot
 from models import (
@@ -454,6 +455,7 @@ def write(
     if change.verdict is Verdict.DUPLICATE:
         if schedule is not None:
             payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
+        outbox.anomalies_opened(session, payment, anomaly_ids, now)
         return Applied(payment, False, change.summary, None, anomaly_ids, verdict=change.verdict)
     if (
         change.verdict is Verdict.REFUSE
@@ -474,6 +476,11 @@ def write(
     payment.updated_at = now
     if schedule is not None:
         payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
+    # The merchant hears of the new state, then of what it opened, in this same transaction.
+    moved = change.verdict is Verdict.MOVE
+    if moved:
+        outbox.payment_changed(session, payment, now)
+    outbox.anomalies_opened(session, payment, anomaly_ids, now)
     session.flush()  # the compare-and-set: StaleDataError if another worker moved it first
     event = _event(
         session,
@@ -485,7 +492,6 @@ def write(
         f"{evidence.description}: {change.summary}",
         now,
     )
-    moved = change.verdict is Verdict.MOVE
     summary = f"{change.before.value} -> {change.after.value}" if moved else change.summary
     return Applied(payment, moved, summary, event, anomaly_ids, verdict=change.verdict)
 
@@ -505,6 +511,7 @@ def record_creation(
         payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
     session.add(payment)
     session.flush()  # a concurrent record of the same payment fails here, on the unique keys
+    outbox.payment_changed(session, payment, now)
     return _event(session, payment, evidence, None, P.PENDING, payment.provider_status, detail, now)
 
 

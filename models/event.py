@@ -7,9 +7,10 @@ import enum
 from datetime import datetime
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from models.base import Base, BigId, enum_column, new_id, utcnow
+from models.payment import Payment
 
 
 class EventType(enum.StrEnum):
@@ -94,6 +95,9 @@ class MerchantEvent(Base):
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    # Declared so that one flush writes the payment before its events.
+    payment: Mapped[Payment | None] = relationship(lazy="raise")
+
 
 class Delivery(Base):
     """An event on its way to one endpoint."""
@@ -126,6 +130,10 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    # Declared so that one flush writes the event and its endpoint before their deliveries.
+    event: Mapped[MerchantEvent] = relationship(lazy="raise")
+    endpoint: Mapped[Endpoint] = relationship(lazy="raise")
+
 
 class DeliveryAttempt(Base):
     """One POST to an endpoint and what came of it. Rows are only ever inserted."""
@@ -142,3 +150,5 @@ class DeliveryAttempt(Base):
     # The first 2 KiB of the answer, as text.
     response: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+
+    delivery: Mapped[Delivery] = relationship(lazy="raise")

@@ -188,6 +188,7 @@ def app(settings: Settings) -> Iterator[Flask]:
     app = create_app(settings)
     app.config["TESTING"] = True
     app.extensions["ipn.dispatcher"] = RecordingDispatcher()
+    app.extensions["ipn.event_dispatcher"] = RecordingDispatcher()
     yield app
     app.extensions["ipn"].db.engine.dispose()
 

@@ -14,6 +14,7 @@ from ipn.config import Settings
 
 SWEEP_EVERY = timedelta(minutes=1)
 RECONCILE_EVERY = timedelta(minutes=1)
+DELIVER_DUE_EVERY = timedelta(seconds=10)
 
 # The Flask apps this process built a Celery app for (a worker builds one), so that a forked
 # pool process can reach their engines without importing the entry module that built them.
@@ -57,6 +58,7 @@ def make_celery(flask_app: Flask, settings: Settings) -> Celery:
         beat_schedule={
             "sweep-inbox": {"task": "ipn.sweep_inbox", "schedule": SWEEP_EVERY},
             "reconcile-due": {"task": "ipn.reconcile_due", "schedule": RECONCILE_EVERY},
+            "deliver-events": {"task": "ipn.deliver_due", "schedule": DELIVER_DUE_EVERY},
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         include=["workers.tasks"],

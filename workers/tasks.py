@@ -6,10 +6,13 @@ from celery import shared_task
 from flask import current_app
 
 from ipn import processing, reconcile, sweeper
-from ipn.dispatch import PROCESS_TASK, enqueue
+from ipn.dispatch import DELIVER_TASK, PROCESS_TASK, enqueue, enqueue_delivery
+from ipn.events import delivery
 from ipn.services import Services
 
 RECONCILE_BUDGET_SECONDS = 50.0
+# A retry this soon is queued with a countdown; later ones are found by `deliver_due`.
+SHORT_RETRY_SECONDS = 60
 
 
 def _services() -> Services:
@@ -38,3 +41,22 @@ def sweep_inbox() -> str:
 def reconcile_due() -> str:
     # Stop claiming before the next beat: an unfinished pass is picked up by the next one.
     return str(reconcile.reconcile_due(_services(), time_budget=RECONCILE_BUDGET_SECONDS))
+
+
+def _send_delivery(delivery_id: int, countdown: float | None = None) -> None:
+    enqueue_delivery(current_app.extensions["celery"], delivery_id, countdown)
+
+
+@shared_task(name=DELIVER_TASK)
+def deliver_event(delivery_id: int) -> str:
+    outcome = delivery.deliver(_services(), delivery_id)
+    for next_id in outcome.wake:
+        _send_delivery(next_id)
+    if outcome.retry_in is not None and outcome.retry_in <= SHORT_RETRY_SECONDS:
+        _send_delivery(delivery_id, countdown=outcome.retry_in)
+    return outcome.summary
+
+
+@shared_task(name="ipn.deliver_due")
+def deliver_due() -> str:
+    return f"{delivery.deliver_due(_services(), _send_delivery)} deliveries sent"

@@ -1,0 +1,232 @@
+"""The transactional outbox: an event row, and one delivery per endpoint that hears it, written in
+the transaction of the change the event tells of. A change that rolls back takes its event with
+it; a change that commits cannot lose its event. Once committed, the new deliveries are handed to
+the queue; whatever the queue misses, `deliver_due` finds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import event as orm_event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from ipn import serialize
+from ipn.config import EventSettings
+from models import (
+    Anomaly,
+    Delivery,
+    DeliveryStatus,
+    Endpoint,
+    EndpointOrigin,
+    EndpointStatus,
+    EventType,
+    MerchantEvent,
+    Payment,
+    PaymentStatus,
+    new_id,
+    utcnow,
+)
+
+# The endpoint IPN_MERCHANT_WEBHOOK_URL configures; its secret stays in the environment.
+ENVIRONMENT_ENDPOINT = "ep_environment"
+
+UNSET = "IPN_MERCHANT_WEBHOOK_URL is no longer set"
+
+_SETTINGS = "ipn.events.settings"
+_NEW = "ipn.events.new_deliveries"
+
+
+def install(sessions: sessionmaker[Session], settings: EventSettings) -> None:
+    """Give every session of this factory the event settings the outbox reads."""
+    sessions.configure(info={_SETTINGS: settings})
+
+
+def wake_after_commit(sessions: sessionmaker[Session], wake: Callable[[list[int]], None]) -> None:
+    """After each commit that wrote deliveries, hand their ids to `wake` (the queue)."""
+
+    def committed(session: Session) -> None:
+        new: list[Delivery] = session.info.pop(_NEW, [])
+        if new:
+            wake([delivery.id for delivery in new])
+
+    def rolled_back(session: Session) -> None:
+        session.info.pop(_NEW, None)
+
+    orm_event.listen(sessions, "after_commit", committed)
+    orm_event.listen(sessions, "after_rollback", rolled_back)
+
+
+def payment_event_type(status: PaymentStatus) -> EventType:
+    return EventType(f"payment.{status.value}")
+
+
+def payment_changed(session: Session, payment: Payment, now: datetime) -> MerchantEvent:
+    """The payment reached its current state (`pending` at creation: `payment.created`)."""
+    event_type = (
+        EventType.PAYMENT_CREATED
+        if payment.status is PaymentStatus.PENDING
+        else payment_event_type(payment.status)
+    )
+    sequence = _next_sequence(payment)
+    return record(
+        session,
+        event_type,
+        {**serialize.payment(payment), "sequence": sequence},
+        now,
+        payment_id=payment.id,
+        sequence=sequence,
+    )
+
+
+def anomaly_event(
+    session: Session,
+    event_type: EventType,
+    anomaly: Anomaly,
+    payment: Payment | None,
+    now: datetime,
+) -> MerchantEvent:
+    """`anomaly.opened` or `anomaly.resolved`; in its payment's sequence when it has one."""
+    sequence = _next_sequence(payment) if payment is not None else None
+    data = serialize.anomaly(anomaly)
+    if sequence is not None:
+        data["sequence"] = sequence
+    return record(
+        session,
+        event_type,
+        data,
+        now,
+        payment_id=payment.id if payment else None,
+        sequence=sequence,
+        anomaly_id=anomaly.id,
+    )
+
+
+def anomalies_opened(
+    session: Session, payment: Payment | None, anomaly_ids: list[int], now: datetime
+) -> None:
+    """`anomaly.opened` for each anomaly just opened (an anomaly already on record opens none)."""
+    if not anomaly_ids:
+        return
+    # Read without flushing: the payment's own UPDATE stays one statement, at the writer's flush.
+    with session.no_autoflush:
+        anomalies = session.scalars(
+            select(Anomaly).where(Anomaly.id.in_(anomaly_ids)).order_by(Anomaly.id)
+        ).all()
+    for anomaly in anomalies:
+        anomaly_event(session, EventType.ANOMALY_OPENED, anomaly, payment, now)
+
+
+def record(
+    session: Session,
+    event_type: EventType,
+    data: dict[str, Any],
+    now: datetime,
+    *,
+    payment_id: str | None = None,
+    sequence: int | None = None,
+    anomaly_id: int | None = None,
+) -> MerchantEvent:
+    """Write one event and its deliveries inside the caller's transaction."""
+    body = json.dumps(
+        {"type": event_type.value, "timestamp": serialize.when(now), "data": data},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    event = MerchantEvent(
+        id=new_id("evt_"),
+        type=event_type,
+        payment_id=payment_id,
+        anomaly_id=anomaly_id,
+        sequence=sequence,
+        body=body,
+        created_at=now,
+    )
+    # Read without flushing: the writer's own flush is the compare-and-set.
+    with session.no_autoflush:
+        targets = [e for e in endpoints_for(session, payment_id) if e.hears(event_type.value)]
+    session.add(event)
+    # An event nobody hears is delivered to nobody: it is not left pending.
+    event.status = DeliveryStatus.PENDING if targets else DeliveryStatus.DELIVERED
+    deliveries = [
+        Delivery(
+            event_id=event.id,
+            endpoint_id=endpoint.id,
+            payment_id=payment_id,
+            sequence=sequence,
+            status=DeliveryStatus.PENDING,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        for endpoint in targets
+    ]
+    session.add_all(deliveries)
+    remember(session, deliveries)
+    return event
+
+
+def remember(session: Session, deliveries: list[Delivery]) -> None:
+    """Deliveries to hand to the queue once this transaction commits."""
+    session.info.setdefault(_NEW, []).extend(deliveries)
+
+
+def endpoints_for(session: Session, payment_id: str | None) -> list[Endpoint]:
+    """The enabled endpoints that hear events of this payment: every merchant-wide one, and the
+    payment's own notify_url."""
+    _keep_environment_endpoint(session)
+    scope: ColumnElement[bool] = Endpoint.payment_id.is_(None)
+    if payment_id is not None:
+        scope = or_(scope, Endpoint.payment_id == payment_id)
+    found = session.scalars(
+        select(Endpoint)
+        .where(Endpoint.deleted_at.is_(None), scope)
+        .order_by(Endpoint.created_at, Endpoint.id)
+    )
+    # The status is read in memory: a change in this transaction may not be flushed yet.
+    return [e for e in found if e.status is EndpointStatus.ENABLED]
+
+
+def _next_sequence(payment: Payment) -> int:
+    # On the payment row, so the compare-and-set that guards its state guards this too.
+    payment.event_sequence = (payment.event_sequence or 0) + 1
+    return payment.event_sequence
+
+
+def _keep_environment_endpoint(session: Session) -> None:
+    """The endpoint row of IPN_MERCHANT_WEBHOOK_URL follows the environment: created when set,
+    its URL updated when changed, disabled when unset."""
+    settings: EventSettings | None = session.info.get(_SETTINGS)
+    url = settings.webhook_url if settings else None
+    current = session.get(Endpoint, ENVIRONMENT_ENDPOINT)
+    if current is None:
+        if url:
+            insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+            session.execute(
+                insert(Endpoint)
+                .values(
+                    id=ENVIRONMENT_ENDPOINT,
+                    url=url,
+                    description="IPN_MERCHANT_WEBHOOK_URL",
+                    events=[],
+                    status=EndpointStatus.ENABLED,
+                    origin=EndpointOrigin.ENVIRONMENT,
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+                .on_conflict_do_nothing(index_elements=["id"])
+            )
+        return
+    if url and current.url != url:
+        current.url = url
+        current.updated_at = utcnow()
+    if url and current.disabled_reason == UNSET:
+        current.status, current.disabled_reason = EndpointStatus.ENABLED, None
+        current.updated_at = utcnow()
+    elif not url and current.status is EndpointStatus.ENABLED:
+        current.status, current.disabled_reason = EndpointStatus.DISABLED, UNSET
+        current.updated_at = utcnow()
