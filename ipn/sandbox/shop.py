@@ -8,6 +8,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template_string, request
@@ -148,12 +149,13 @@ class Shop:
         if not isinstance(body, Mapping):
             raise BadOptions("the body is a JSON object: mode, count, seconds")
         mode, count = body.get("mode"), body.get("count", 1)
-        seconds = body.get("seconds", self._slow_seconds)
+        seconds = body.get("seconds", Decimal(str(self._slow_seconds)))
         if mode not in MODES:
             raise BadOptions(f"mode is one of {', '.join(MODES)}")
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise BadOptions("count is a whole number from 1")
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        # The control API reads JSON numbers as Decimals.
+        if isinstance(seconds, bool) or not isinstance(seconds, int | Decimal) or seconds < 0:
             raise BadOptions("seconds is a number from 0")
         with self._lock:
             self._misbehaviour = (
