@@ -87,12 +87,15 @@ def sandbox_settings(
     env: dict[str, str], host: str, port: int, sandbox_port: int
 ) -> dict[str, str]:
     """What `--sandbox` sets, over anything exported: every provider at the sandbox with the
-    sandbox's keys, callbacks to this receiver, and an API token that only this run knows."""
-    from ipn.sandbox import sandbox_environment
+    sandbox's keys, callbacks to this receiver, the merchant events to the sandbox's shop, and an
+    API token that only this run knows."""
+    from ipn.sandbox import profile, sandbox_environment
 
     shown = LOOPBACK if host == EVERY_INTERFACE else host
+    sandbox_url = f"http://{shown}:{sandbox_port}"
     return {
-        **sandbox_environment(f"http://{shown}:{sandbox_port}"),
+        **sandbox_environment(sandbox_url),
+        **profile.merchant_environment(sandbox_url),
         "IPN_PUBLIC_URL": f"http://{shown}:{port}",
         "IPN_API_TOKEN": env.get("IPN_API_TOKEN", "").strip() or secrets.token_hex(20),
     }

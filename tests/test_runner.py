@@ -16,6 +16,8 @@ import pytest
 import requests
 from test_cli import IPN, clean_env
 
+from ipn.config import Settings
+from ipn.events.signing import key_of
 from ipn.runner import sandbox_settings
 from ipn.sandbox import SANDBOX_CREDENTIALS, profile
 
@@ -241,6 +243,13 @@ def test_sandbox_settings_take_over_exported_ones_and_keep_an_exported_token() -
     assert chosen["CUBEPAY_API_URL"] == "http://127.0.0.1:8601"
     assert chosen["CUBEPAY_CLIENT_ID"] == SANDBOX_CREDENTIALS["CUBEPAY_CLIENT_ID"]
     assert chosen["IPN_PUBLIC_URL"] == "http://127.0.0.1:8600"
+    # The merchant events go to the sandbox's shop, on the sandbox's port, signed with its secret.
+    assert chosen["IPN_MERCHANT_WEBHOOK_URL"] == "http://127.0.0.1:8601/sandbox/shop/events"
+    assert chosen["IPN_MERCHANT_WEBHOOK_SECRET"] == profile.SANDBOX_MERCHANT_WEBHOOK_SECRET
+    events = Settings.from_env({"DATABASE_URL": "sqlite://", **chosen}).events
+    assert events.allow_private
+    assert events.webhook_secret == profile.SANDBOX_MERCHANT_WEBHOOK_SECRET
+    assert len(key_of(profile.SANDBOX_MERCHANT_WEBHOOK_SECRET)) == 32
     generated = chosen["IPN_API_TOKEN"]
     assert (
         len(generated) == 40

@@ -1,4 +1,5 @@
-"""The sandbox's Flask app: fake provider APIs at the root, the control API under /sandbox/."""
+"""The sandbox's Flask app: fake provider APIs at the root, the control API under /sandbox/, and
+a merchant's shop that the receiver's events go to under /sandbox/shop."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, request
 
 from ipn.config import Settings
-from ipn.sandbox import wire
+from ipn.sandbox import shop, wire
 from ipn.sandbox.control import NotFound, Sandbox, utc_now
 from ipn.sandbox.fake import ACTIONS, ActionRefused, Answer, BadOptions, Incoming, Route, Timings
 
@@ -53,6 +54,7 @@ def create_app(
     )
     app = Flask(__name__, static_folder=None)
     app.extensions["ipn_sandbox"] = sandbox
+    app.extensions[shop.EXTENSION] = shop.shop_for(settings, sandbox.clock)
     for name, fake in sandbox.fakes.items():
         for route in fake.routes():
             app.add_url_rule(
@@ -62,6 +64,7 @@ def create_app(
                 methods=list(route.methods),
             )
     app.register_blueprint(bp)
+    app.register_blueprint(shop.bp)
     return app
 
 

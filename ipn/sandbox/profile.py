@@ -11,6 +11,20 @@ from pathlib import Path
 FILENAME = "ipn-sandbox.env"
 # Who wrote the profile: it applies only while that process lives.
 PID_VARIABLE = "IPN_SANDBOX_PID"
+# Signs the events sent to the sandbox's shop. Public, like the sandbox's provider keys (the key
+# bytes spell what it is): never configure it for a real merchant endpoint.
+SANDBOX_MERCHANT_WEBHOOK_SECRET = "whsec_c2FuZGJveC1zaG9wLW5vdC1hLXNlY3JldC0zMmJ5dGU="  # noqa: S105 - public
+SHOP_EVENTS_PATH = "/sandbox/shop/events"
+
+
+def merchant_environment(sandbox_url: str) -> dict[str, str]:
+    """The settings that send the merchant events to the shop of a sandbox at `sandbox_url`."""
+    return {
+        "IPN_MERCHANT_WEBHOOK_URL": sandbox_url.rstrip("/") + SHOP_EVENTS_PATH,
+        "IPN_MERCHANT_WEBHOOK_SECRET": SANDBOX_MERCHANT_WEBHOOK_SECRET,
+        # The shop listens on loopback, which endpoints may not use otherwise.
+        "IPN_MERCHANT_ALLOW_PRIVATE": "1",
+    }
 
 
 def path(data_dir: Path) -> Path:
