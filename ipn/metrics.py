@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from ipn.db import Database
-from models import Anomaly, AnomalyStatus, Notification, Payment
+from models import Anomaly, AnomalyStatus, Endpoint, MerchantEvent, Notification, Payment
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -41,6 +41,14 @@ class DatabaseCollector(Collector):
             "ipn_payments", "Payments by provider and status", labels=["provider", "status"]
         )
         anomalies = GaugeMetricFamily("ipn_open_anomalies", "Anomalies waiting for review")
+        events = GaugeMetricFamily(
+            "ipn_events", "Merchant events by delivery status", labels=["status"]
+        )
+        endpoints = GaugeMetricFamily(
+            "ipn_event_endpoints",
+            "Merchant endpoints by status; a disabled one failed every attempt for days",
+            labels=["status"],
+        )
         with self.db.sessions() as session:
             for provider, status, count in session.execute(
                 select(Notification.provider, Notification.status, func.count()).group_by(
@@ -59,9 +67,21 @@ class DatabaseCollector(Collector):
                 session.scalar(select(func.count()).where(Anomaly.status == AnomalyStatus.OPEN))
                 or 0,
             )
+            for event_status, count in session.execute(
+                select(MerchantEvent.status, func.count()).group_by(MerchantEvent.status)
+            ):
+                events.add_metric([event_status.value], count)
+            for endpoint_status, count in session.execute(
+                select(Endpoint.status, func.count())
+                .where(Endpoint.deleted_at.is_(None))
+                .group_by(Endpoint.status)
+            ):
+                endpoints.add_metric([endpoint_status.value], count)
         yield notifications
         yield payments
         yield anomalies
+        yield events
+        yield endpoints
 
 
 def render(db: Database) -> bytes:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -19,11 +20,12 @@ from sqlalchemy.exc import IntegrityError
 from ipn.callbacks import ENDPOINTS
 from ipn.currencies import decimals
 from ipn.errors import InvalidPaymentRequest, PaymentNotFound
+from ipn.events.urls import UnsafeURL, check_url
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, PaymentRequest, Snapshot
 from ipn.services import Services
 from ipn.transitions import Evidence, apply_snapshot, record_creation
-from models import EventSource, Payment, utcnow
+from models import Endpoint, EndpointOrigin, EventSource, Payment, utcnow
 from models.base import MONEY_PRECISION, MONEY_SCALE
 
 MAX_ORDER_ID = 255
@@ -52,6 +54,8 @@ class CreateRequest:
     pay_currency: str | None = None
     description: str | None = None
     customer_email: str | None = None
+    # Where this payment's own events go, beside the merchant's endpoints.
+    notify_url: str | None = None
 
 
 def parse_create_request(data: Mapping[str, Any], providers: Mapping[str, object]) -> CreateRequest:
@@ -80,7 +84,14 @@ def parse_create_request(data: Mapping[str, Any], providers: Mapping[str, object
     if email is not None and ("@" not in email or len(email) > 254):
         raise InvalidPaymentRequest("customer_email", "is not an e-mail address")
     return CreateRequest(
-        provider, order_id, amount, currency, pay_currency, _text(data, "description"), email
+        provider,
+        order_id,
+        amount,
+        currency,
+        pay_currency,
+        _text(data, "description"),
+        email,
+        _text(data, "notify_url"),
     )
 
 
@@ -94,6 +105,7 @@ def create_payment(services: Services, request: CreateRequest) -> tuple[Payment,
             "provider",
             f"{provider.name} is not configured: set {' and '.join(provider.settings.missing())}",
         )
+    _check_notify_url(services, request.notify_url)
     with order_lock(services, request.provider, request.order_id):
         existing = _find(services, request.provider, request.order_id)
         if existing is not None:
@@ -118,6 +130,34 @@ def create_payment(services: Services, request: CreateRequest) -> tuple[Payment,
             return _record_found(services, request, found), False
         snapshot = provider.create_payment(wire)
         return _record(services, request, snapshot, token), True
+
+
+def _check_notify_url(services: Services, url: str | None) -> None:
+    """A notify_url is held to the rules of any endpoint, and its events are signed with
+    IPN_MERCHANT_WEBHOOK_SECRET, which the shop knows."""
+    if url is None:
+        return
+    events = services.settings.events
+    if not events.webhook_secret:
+        raise InvalidPaymentRequest(
+            "notify_url", "needs IPN_MERCHANT_WEBHOOK_SECRET set to sign its events"
+        )
+    try:
+        check_url(url, allow_private=events.allow_private)
+    except UnsafeURL as exc:
+        raise InvalidPaymentRequest("notify_url", str(exc).removeprefix("url ")) from None
+
+
+def _notify_endpoint(payment: Payment, url: str, now: datetime) -> Endpoint:
+    return Endpoint(
+        url=url,
+        description=f"notify_url of {payment.order_id}",
+        events=[],
+        origin=EndpointOrigin.PAYMENT,
+        payment=payment,
+        created_at=now,
+        updated_at=now,
+    )
 
 
 def _created_earlier(services: Services, request: CreateRequest) -> Snapshot | None:
@@ -156,6 +196,8 @@ def _record(services: Services, request: CreateRequest, snapshot: Snapshot, toke
     )
     try:
         with services.db.transaction() as session:
+            if request.notify_url:
+                session.add(_notify_endpoint(payment, request.notify_url, now))
             record_creation(
                 session,
                 payment,
@@ -190,6 +232,8 @@ def _record_found(services: Services, request: CreateRequest, snapshot: Snapshot
         assert applied is not None
         payment = applied.payment
         payment.description = request.description
+        if request.notify_url:
+            session.add(_notify_endpoint(payment, request.notify_url, now))
         if payment.amount is None:
             payment.amount, payment.currency = request.amount, request.currency
     return payment

@@ -12,7 +12,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ipn.currencies import decimals
-from models import Anomaly, Notification, NotificationReplay, Payment, PaymentEvent
+from models import (
+    Anomaly,
+    Delivery,
+    DeliveryStatus,
+    MerchantEvent,
+    Notification,
+    NotificationReplay,
+    Payment,
+    PaymentEvent,
+)
 
 # Headers whose values may be secrets, by any name a provider or proxy gives them (X-Apikey,
 # X-Password, X-BPG-Signature, Proxy-Authorization, ...): shown masked, kept whole on the row
@@ -138,6 +147,42 @@ def payment_detail(session: Session, p: Payment) -> dict[str, Any]:
         **payment(p),
         "timeline": [event(e) for e in events],
         "anomalies": [anomaly(a) for a in anomalies],
+        "events": merchant_events(session, p.id),
+    }
+
+
+def merchant_events(session: Session, payment_id: str) -> list[dict[str, Any]]:
+    """What the merchant was told of this payment, in sequence, and how far each event got."""
+    deliveries: dict[str, list[dict[str, Any]]] = {}
+    for d in session.scalars(
+        select(Delivery).where(Delivery.payment_id == payment_id).order_by(Delivery.id)
+    ):
+        deliveries.setdefault(d.event_id, []).append(delivery(d))
+    return [
+        {
+            "id": e.id,
+            "type": e.type.value,
+            "sequence": e.sequence,
+            "status": e.status.value,
+            "created_at": when(e.created_at),
+            "deliveries": deliveries.get(e.id, []),
+        }
+        for e in session.scalars(
+            select(MerchantEvent)
+            .where(MerchantEvent.payment_id == payment_id)
+            .order_by(MerchantEvent.sequence, MerchantEvent.id)
+        )
+    ]
+
+
+def delivery(d: Delivery) -> dict[str, Any]:
+    return {
+        "endpoint_id": d.endpoint_id,
+        "status": d.status.value,
+        "attempts": d.attempts,
+        "next_attempt_at": when(d.next_attempt_at) if d.status is DeliveryStatus.PENDING else None,
+        "delivered_at": when(d.delivered_at),
+        "last_error": d.last_error,
     }
 
 

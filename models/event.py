@@ -71,6 +71,9 @@ class Endpoint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    # Declared so that one flush writes a payment before its own notify_url endpoint.
+    payment: Mapped[Payment | None] = relationship(lazy="raise")
+
     def hears(self, event_type: str) -> bool:
         return not self.events or event_type in self.events
 
