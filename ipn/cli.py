@@ -89,6 +89,14 @@ def _with_sandbox_profile(env: MutableMapping[str, str]) -> MutableMapping[str, 
 def register(app: Flask) -> None:
     for command in (db, notifications, payments, anomalies, replay, sweep, reconcile, run, sandbox):
         app.cli.add_command(command)
+    app.cli.add_command(_endpoints_group())
+
+
+def _endpoints_group() -> click.Command:
+    # Imported here: ipn.events.cli builds on this module's helpers.
+    from ipn.events.cli import endpoints
+
+    return endpoints
 
 
 def services() -> Services:
