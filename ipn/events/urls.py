@@ -178,6 +178,8 @@ class _PinnedConnection(http.client.HTTPSConnection):
         tls: ssl.SSLContext | None,
     ) -> None:
         super().__init__(host, port, timeout=connect_timeout, context=tls)
+        # The Host header leaves out the scheme's own port, which for plain http is 80.
+        self.default_port = 443 if tls else 80
         self.addresses = addresses
         self.connect_timeout = connect_timeout
         self.deadline = deadline

@@ -274,6 +274,7 @@ def test_post_resolves_once_and_connects_to_the_vetted_address(
     assert answer.status_code == 200
     assert asked == ["shop.test"]
     assert seen[0]["headers"]["Host"] == f"shop.test:{port}"
+    assert seen[0]["headers"]["User-Agent"] == "ipn-receiver"
 
 
 @pytest.fixture
@@ -292,7 +293,11 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path, list[dict[str, Any]]
     names: list[str | None] = []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    context.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment, func-returns-value]
+
+    def note_name(sock: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+        names.append(name)
+
+    context.sni_callback = note_name
     handler = type("Handler", (Recorder,), {"seen": seen})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
