@@ -52,10 +52,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         )
 
     from ipn import api, callbacks, cli, health
+    from ipn.events import api as endpoints_api
 
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(endpoints_api.bp)
     cli.register(app)
 
     @app.errorhandler(HTTPException)

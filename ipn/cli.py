@@ -104,6 +104,14 @@ def register(app: Flask) -> None:
         sandbox,
     ):
         app.cli.add_command(command)
+    app.cli.add_command(_endpoints_group())
+
+
+def _endpoints_group() -> click.Command:
+    # Imported here: ipn.events.cli builds on this module's helpers.
+    from ipn.events.cli import endpoints
+
+    return endpoints
 
 
 def services() -> Services:
