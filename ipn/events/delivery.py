@@ -165,11 +165,16 @@ def backoff(settings_schedule: tuple[int, ...], attempts: int) -> timedelta | No
 def _due(now: datetime) -> Select[int]:
     """Pending, due, free, and first in line for its endpoint and payment."""
     earlier = aliased(Delivery)
-    return select(Delivery.id).where(
-        Delivery.status == D.PENDING,
-        Delivery.next_attempt_at <= now,
-        or_(Delivery.leased_until.is_(None), Delivery.leased_until < now),
-        ~_waits_for(earlier),
+    return (
+        select(Delivery.id)
+        .join(Endpoint, Endpoint.id == Delivery.endpoint_id)
+        .where(
+            Endpoint.status == EndpointStatus.ENABLED,
+            Delivery.status == D.PENDING,
+            Delivery.next_attempt_at <= now,
+            or_(Delivery.leased_until.is_(None), Delivery.leased_until < now),
+            ~_waits_for(earlier),
+        )
     )
 
 
@@ -213,12 +218,14 @@ def _lease(services: Services, delivery_id: int, now: datetime) -> _Held | Outco
             return Outcome(f"delivery {delivery_id} waits for sequence {blocking}")
         endpoint = session.get(Endpoint, delivery.endpoint_id)
         assert endpoint is not None
-        if endpoint.status is not EndpointStatus.ENABLED or endpoint.deleted_at is not None:
-            reason = endpoint.disabled_reason or "endpoint disabled"
-            _settle(session, delivery, D.FAILED, f"not sent: {reason}")
+        if endpoint.deleted_at is not None:
+            _settle(session, delivery, D.FAILED, "not sent: endpoint deleted")
             return Outcome(
-                f"delivery {delivery_id} failed: {reason}", _next_in_line(session, delivery)
+                f"delivery {delivery_id} failed: endpoint deleted", _next_in_line(session, delivery)
             )
+        if endpoint.status is not EndpointStatus.ENABLED:
+            # Enabling the endpoint sends it everything that waited.
+            return Outcome(f"delivery {delivery_id} waits: endpoint {endpoint.id} is disabled")
         keys = _secrets(endpoint, events.webhook_secret, now)
         if not keys:
             _settle(session, delivery, D.FAILED, "not sent: no secret to sign with")
@@ -304,9 +311,9 @@ def _record(
             )
         endpoint.failing_since = endpoint.failing_since or now
         if now - endpoint.failing_since >= events.disable_after:
-            _disable(session, endpoint, now)
+            _disable(endpoint, now)
         wait = backoff(events.retry_schedule, delivery.attempts)
-        if wait is None or endpoint.status is not EndpointStatus.ENABLED:
+        if wait is None:
             _settle(session, delivery, D.FAILED, error)
             return Outcome(
                 f"delivery {delivery.id} failed after {delivery.attempts} attempts: {error}",
@@ -329,16 +336,18 @@ def _settle(
     if error is not None:
         delivery.last_error = error
     session.flush()
-    # The event is delivered once every delivery is; failed once none is pending and one failed.
-    statuses = set(
-        session.scalars(select(Delivery.status).where(Delivery.event_id == delivery.event_id))
-    )
+    refresh_event_status(session, delivery.event_id)
+
+
+def refresh_event_status(session: Session, event_id: str) -> None:
+    """An event is delivered once every delivery is, failed once none is pending and one failed."""
+    statuses = set(session.scalars(select(Delivery.status).where(Delivery.event_id == event_id)))
     event_status = (
         D.PENDING if D.PENDING in statuses else D.FAILED if D.FAILED in statuses else D.DELIVERED
     )
     session.execute(
         update(MerchantEvent)
-        .where(MerchantEvent.id == delivery.event_id)
+        .where(MerchantEvent.id == event_id)
         .values(status=event_status)
         .execution_options(synchronize_session=False)
     )
@@ -362,9 +371,9 @@ def _next_in_line(session: Session, delivery: Delivery) -> list[int]:
     return [following] if following is not None else []
 
 
-def _disable(session: Session, endpoint: Endpoint, now: datetime) -> None:
-    """An endpoint that failed every attempt for `disable_after` stops receiving; what was still
-    waiting for it fails, for an operator to redeliver once it is fixed."""
+def _disable(endpoint: Endpoint, now: datetime) -> None:
+    """An endpoint that failed every attempt for `disable_after` stops receiving; what is still
+    on its way waits, and goes when an operator enables it again."""
     since = endpoint.failing_since
     endpoint.status = EndpointStatus.DISABLED
     endpoint.disabled_reason = f"every attempt failed since {since.isoformat() if since else '-'}"
@@ -374,12 +383,3 @@ def _disable(session: Session, endpoint: Endpoint, now: datetime) -> None:
         endpoint.id,
         since.isoformat() if since else "-",
     )
-    pending = session.scalars(
-        select(Delivery).where(
-            Delivery.endpoint_id == endpoint.id,
-            Delivery.status == D.PENDING,
-            Delivery.lease_token.is_(None),
-        )
-    ).all()
-    for other in pending:
-        _settle(session, other, D.FAILED, "not sent: endpoint disabled")

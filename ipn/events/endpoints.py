@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from ipn.config import Settings
 from ipn.errors import IPNError
 from ipn.events import urls
+from ipn.events.delivery import refresh_event_status
 from ipn.events.signing import new_secret
 from models.event import (
     Delivery,
@@ -112,12 +113,13 @@ def update(
         values["description"] = _description(changes["description"])
     if "status" in changes:
         values["status"] = _status(changes["status"])
-    endpoint = _editable(session, endpoint_id)
+    # Switching an endpoint off and on is allowed whatever configured it; nothing else is.
+    endpoint = _editable(session, endpoint_id, switching=set(values) == {"status"})
     status = values.pop("status", None)
     for name, value in values.items():
         setattr(endpoint, name, value)
     if status is EndpointStatus.ENABLED:
-        _enable(endpoint)
+        _enable(session, endpoint, now)
     elif status is EndpointStatus.DISABLED and endpoint.status is not EndpointStatus.DISABLED:
         endpoint.status = EndpointStatus.DISABLED
         endpoint.disabled_reason = OPERATOR_DISABLED
@@ -127,8 +129,9 @@ def update(
 
 
 def disable(session: Session, endpoint_id: str, reason: str, now: datetime) -> Endpoint:
-    """Stop delivering to the endpoint, saying why; its deliveries wait until it is enabled."""
-    endpoint = _editable(session, endpoint_id)
+    """Stop delivering to the endpoint, saying why; its deliveries wait until it is enabled.
+    Any endpoint may be switched off and on, whatever configured it."""
+    endpoint = _editable(session, endpoint_id, switching=True)
     endpoint.status = EndpointStatus.DISABLED
     endpoint.disabled_reason = reason
     endpoint.updated_at = now
@@ -137,8 +140,9 @@ def disable(session: Session, endpoint_id: str, reason: str, now: datetime) -> E
 
 
 def enable(session: Session, endpoint_id: str, now: datetime) -> Endpoint:
-    endpoint = _editable(session, endpoint_id)
-    _enable(endpoint)
+    """Deliver again; every event that waited for the endpoint goes now, on a fresh schedule."""
+    endpoint = _editable(session, endpoint_id, switching=True)
+    _enable(session, endpoint, now)
     endpoint.updated_at = now
     log.info("endpoint %s enabled", endpoint.id)
     return endpoint
@@ -152,6 +156,13 @@ def delete(session: Session, endpoint_id: str, now: datetime) -> Endpoint:
     endpoint.status = EndpointStatus.DISABLED
     endpoint.disabled_reason = DELETED_ERROR
     endpoint.updated_at = now
+    waiting = set(
+        session.scalars(
+            select(Delivery.event_id).where(
+                Delivery.endpoint_id == endpoint.id, Delivery.status == DeliveryStatus.PENDING
+            )
+        )
+    )
     failed = cast(
         CursorResult[Any],
         session.execute(
@@ -161,6 +172,8 @@ def delete(session: Session, endpoint_id: str, now: datetime) -> Endpoint:
             .execution_options(synchronize_session=False)
         ),
     )
+    for event_id in sorted(waiting):
+        refresh_event_status(session, event_id)
     log.info("endpoint %s deleted; %d pending deliveries failed", endpoint.id, failed.rowcount)
     return endpoint
 
@@ -192,12 +205,14 @@ def listing(session: Session) -> list[Endpoint]:
     return list(session.scalars(query))
 
 
-def _editable(session: Session, endpoint_id: str) -> Endpoint:
+def _editable(session: Session, endpoint_id: str, *, switching: bool = False) -> Endpoint:
     endpoint = session.execute(
         select(Endpoint).where(Endpoint.id == endpoint_id).with_for_update()
     ).scalar_one_or_none()
     if endpoint is None or endpoint.deleted_at is not None:
         raise EndpointNotFound(f"no endpoint {endpoint_id}")
+    if switching:
+        return endpoint
     if endpoint.origin is EndpointOrigin.ENVIRONMENT:
         raise EndpointNotEditable(
             f"endpoint {endpoint_id} comes from IPN_MERCHANT_WEBHOOK_URL: change it there"
@@ -210,10 +225,19 @@ def _editable(session: Session, endpoint_id: str) -> Endpoint:
     return endpoint
 
 
-def _enable(endpoint: Endpoint) -> None:
+def _enable(session: Session, endpoint: Endpoint, now: datetime) -> None:
+    """Deliver again: every event that waited goes now, on a fresh schedule."""
+    was_disabled = endpoint.status is EndpointStatus.DISABLED
     endpoint.status = EndpointStatus.ENABLED
     endpoint.failing_since = None
     endpoint.disabled_reason = None
+    if was_disabled:
+        session.execute(
+            sql_update(Delivery)
+            .where(Delivery.endpoint_id == endpoint.id, Delivery.status == DeliveryStatus.PENDING)
+            .values(next_attempt_at=now, attempts=0)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def _url(value: Any, settings: Settings) -> str:

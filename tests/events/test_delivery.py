@@ -14,7 +14,7 @@ from standardwebhooks import Webhook
 
 from events.shop import Shop
 from events.test_outbox import add_endpoint, move
-from ipn.events import delivery, signing, urls
+from ipn.events import delivery, endpoints, signing, urls
 from ipn.services import Services
 from models import (
     Delivery,
@@ -249,8 +249,21 @@ def test_an_endpoint_failing_for_five_days_is_disabled(
         "disabled" in r.getMessage() and endpoint.id in r.getMessage() for r in caplog.records
     )
     assert endpoint.secret and endpoint.secret not in caplog.text
-    # Nothing is left pending for it: an operator redelivers once it is fixed.
-    assert {d.status for d in _deliveries(services)} == {D.FAILED}
+    # What was on its way waits, untried, until an operator enables the endpoint again.
+    waiting = [d for d in _deliveries(services) if d.status is D.PENDING]
+    assert len(waiting) == 6
+    later = START + timedelta(days=6)
+    assert delivery.deliver_due(services, [].append, now=later) == 0
+    tried = len(attempts(services))
+    with services.db.transaction() as session:
+        endpoints.enable(session, endpoint.id, later)
+    sent: list[int] = []
+    shop.answers = []  # the shop is fixed
+    assert delivery.deliver_due(services, sent.append, now=later) == 6
+    for delivery_id in sent:
+        delivery.deliver(services, delivery_id, now=later, post=shop)
+    assert len(attempts(services)) == tried + 6
+    assert {d.status for d in _deliveries(services)} == {D.DELIVERED}
 
 
 def test_one_delivery_resets_the_failing_clock(services: Services) -> None:
@@ -290,19 +303,34 @@ def test_redelivery_sends_the_same_event_again_to_who_hears_it_now(services: Ser
     assert load(services, MerchantEvent, event_id).status is D.DELIVERED
 
 
-def test_a_disabled_endpoint_gets_nothing_more(services: Services) -> None:
+def test_a_disabled_endpoint_gets_nothing_until_enabled(services: Services) -> None:
     endpoint = add_endpoint(services)
     payment = make_payment(services.db)
     move(services, payment.id, P.PAID)
     with services.db.transaction() as session:
-        row = session.get(Endpoint, endpoint.id)
-        assert row is not None
-        row.status = EndpointStatus.DISABLED
+        endpoints.disable(session, endpoint.id, "shop down for maintenance", START)
     shop = Shop()
     outcome = delivery.deliver(services, only_delivery(services).id, now=START, post=shop)
-    assert "failed" in outcome.summary
+    assert "waits: endpoint" in outcome.summary
+    assert delivery.deliver_due(services, [].append, now=START) == 0
     assert shop.received == []
-    assert only_delivery(services).status is D.FAILED
+    assert only_delivery(services).status is D.PENDING
+
+    with services.db.transaction() as session:
+        endpoints.enable(session, endpoint.id, START)
+    delivery.deliver(services, only_delivery(services).id, now=START, post=shop)
+    assert only_delivery(services).status is D.DELIVERED
+
+
+def test_deleting_an_endpoint_fails_what_waited_for_it(services: Services) -> None:
+    endpoint = add_endpoint(services)
+    payment = make_payment(services.db)
+    move(services, payment.id, P.PAID)
+    with services.db.transaction() as session:
+        endpoints.delete(session, endpoint.id, START)
+    row = only_delivery(services)
+    assert (row.status, row.last_error) == (D.FAILED, "endpoint deleted")
+    assert load(services, MerchantEvent, row.event_id).status is D.FAILED
 
 
 def test_an_unsafe_address_at_delivery_is_a_failed_attempt(services: Services) -> None:

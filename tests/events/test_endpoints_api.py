@@ -335,7 +335,7 @@ def test_configured_and_payment_endpoints_cannot_be_changed_here(
     assert (shown.status_code, shown.get_json()["origin"]) == (200, origin.value)
     for response in (
         client.patch(path, json={"description": "mine now"}, headers=api_headers),
-        client.patch(path, json={"status": "disabled"}, headers=api_headers),
+        client.patch(path, json={"status": "disabled", "events": []}, headers=api_headers),
         client.post(f"{path}/rotate-secret", headers=api_headers),
         client.delete(path, headers=api_headers),
     ):
@@ -349,6 +349,11 @@ def test_configured_and_payment_endpoints_cannot_be_changed_here(
             EndpointStatus.ENABLED,
             None,
         )
+    # Switching it off and on is an operator's call, whatever configured it.
+    off = client.patch(path, json={"status": "disabled"}, headers=api_headers)
+    assert (off.status_code, off.get_json()["status"]) == (200, "disabled")
+    on = client.patch(path, json={"status": "enabled"}, headers=api_headers)
+    assert (on.status_code, on.get_json()["status"]) == (200, "enabled")
 
 
 def test_an_unknown_endpoint_is_404(client: FlaskClient, api_headers: dict[str, str]) -> None:

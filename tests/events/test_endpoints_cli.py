@@ -138,13 +138,18 @@ def test_an_unknown_id_is_one_line_and_non_zero(app: Flask, command: str) -> Non
     assert result.output.strip() == "Error: no endpoint ep_nope"
 
 
-def test_a_configured_endpoint_cannot_be_disabled_here(app: Flask, services: Services) -> None:
+def test_a_configured_endpoint_is_switched_off_and_on_but_not_changed(
+    app: Flask, services: Services
+) -> None:
     with services.db.transaction() as session:
         endpoint = Endpoint(url="https://shop.example/", origin=EndpointOrigin.ENVIRONMENT)
         session.add(endpoint)
         session.flush()
         endpoint_id = endpoint.id
-    result = ipn(app, "endpoints", "disable", endpoint_id)
-    assert result.exit_code == 1
-    assert "IPN_MERCHANT_WEBHOOK_URL" in result.output
+    rotated = ipn(app, "endpoints", "rotate-secret", endpoint_id)
+    assert rotated.exit_code == 1
+    assert "IPN_MERCHANT_WEBHOOK_URL" in rotated.output
+    assert ipn(app, "endpoints", "disable", endpoint_id).exit_code == 0
+    assert stored(services, endpoint_id).status is EndpointStatus.DISABLED
+    assert ipn(app, "endpoints", "enable", endpoint_id).exit_code == 0
     assert stored(services, endpoint_id).status is EndpointStatus.ENABLED
