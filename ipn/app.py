@@ -45,11 +45,6 @@ def create_app(settings: Settings | None = None) -> Flask:
             dispatcher.submit(delivery_id)
 
     services.wake_deliveries = wake
-    if settings.events.allow_private:
-        logging.getLogger("ipn.events").warning(
-            "IPN_MERCHANT_ALLOW_PRIVATE is on: merchant endpoints may be plain http and "
-            "loopback or private addresses; for local development only"
-        )
 
     from ipn import api, callbacks, cli, health
     from ipn.events import api as endpoints_api

@@ -350,6 +350,14 @@ def payments_show(reference: str, as_json: bool) -> None:
         click.echo("anomalies:")
         for a in detail["anomalies"]:
             click.echo(f"  #{a['id']} {a['kind']} ({a['status']}): {anomaly_detail(a)}")
+    if detail["events"]:
+        click.echo("merchant events:")
+        for e in detail["events"]:
+            where = (
+                ", ".join(f"{d['endpoint_id']} {d['status']}" for d in e["deliveries"])
+                or "no endpoint hears it"
+            )
+            click.echo(f"  {e['created_at']}  {e['sequence']:>3} {e['type']:<18} {where}")
 
 
 # --- anomalies ------------------------------------------------------------------------------
@@ -540,7 +548,7 @@ def events_show(event_id: str, as_json: bool) -> None:
     for d in detail["deliveries"]:
         due = f", next attempt {d['next_attempt_at']}" if d["next_attempt_at"] else ""
         click.echo(
-            f"  to {d['endpoint_id']}: {d['status']} after {d['attempts']} attempts{due}"
+            f"  to {d['endpoint_id']}: {d['status']} after {_attempts(d['attempts'])}{due}"
             + (f" ({d['last_error']})" if d["last_error"] and d["status"] != "delivered" else "")
         )
     for a in detail["attempts"]:
@@ -730,6 +738,10 @@ def _payment_by_reference(session: Session, reference: str) -> Payment:
     if not found:
         raise click.ClickException(f"no payment with id or order id {reference!r}")
     return found[0]
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt{'' if count == 1 else 's'}"
 
 
 def _keyset(query: Any, key: Any) -> Iterable[Any]:

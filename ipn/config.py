@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -362,6 +363,15 @@ def _webhook_secret(secret: str) -> bool:
     except ValueError:
         return False
     return 24 <= len(key) <= 64
+
+
+def warn_if_lax(settings: Settings) -> None:
+    """Said once as a server starts: settings fit for a laptop, not for money."""
+    if settings.events.allow_private:
+        logging.getLogger("ipn.events").warning(
+            "IPN_MERCHANT_ALLOW_PRIVATE is on: merchant endpoints may be plain http and "
+            "loopback or private addresses; for local development only"
+        )
 
 
 def settings_or_exit(env: Mapping[str, str] | None = None) -> Settings:

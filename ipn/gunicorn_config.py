@@ -11,7 +11,7 @@ loading it.
 
 import os
 
-from ipn.config import settings_or_exit
+from ipn.config import settings_or_exit, warn_if_lax
 
 worker_class = "gevent"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -25,4 +25,4 @@ keepalive = 5
 
 # Bad settings are refused in one line while gunicorn reads this file, before it logs its start
 # or boots a worker that would fail with a traceback (ipn.config imports nothing heavy).
-settings_or_exit()
+warn_if_lax(settings_or_exit())

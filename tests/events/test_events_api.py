@@ -192,6 +192,8 @@ def test_cli_lists_shows_and_redelivers(
     shown = runner.invoke(args=["events", "show", confirming])
     assert shown.exit_code == 0, shown.output
     assert "delivered after 2 attempts" in shown.output
+    paid_line = runner.invoke(args=["events", "show", paid]).output
+    assert "pending after 0 attempts, next attempt 2026-11-21T09:00:00Z" in paid_line
     assert "500" in shown.output and "answered 500" in shown.output
     as_json = json.loads(runner.invoke(args=["events", "show", confirming, "--json"]).output)
     assert len(as_json["attempts"]) == 2
