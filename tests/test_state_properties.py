@@ -50,7 +50,16 @@ from ipn.processing import process_notification
 from ipn.reconcile import check_payment, reconcile_due
 from ipn.replay import replay
 from ipn.services import Services
-from models import Anomaly, EventSource, Payment, PaymentEvent, PaymentStatus, ReplayMode
+from models import (
+    Anomaly,
+    EventSource,
+    EventType,
+    MerchantEvent,
+    Payment,
+    PaymentEvent,
+    PaymentStatus,
+    ReplayMode,
+)
 
 from conftest import clean
 from helpers import (
@@ -749,7 +758,25 @@ class PaymentStory(RuleBasedStateMachine):
                 )
             )
             opened = list(session.scalars(select(Anomaly).where(Anomaly.payment_id == payment.id)))
+            told_shop = list(
+                session.scalars(
+                    select(MerchantEvent)
+                    .where(MerchantEvent.payment_id == payment.id)
+                    .order_by(MerchantEvent.sequence)
+                )
+            )
         moves = [e for e in timeline if e.from_status != e.to_status]
+
+        # The shop is told of every move, in order, and of every anomaly opened: once each.
+        assert [e.sequence for e in told_shop] == list(range(1, len(told_shop) + 1))
+        assert [
+            e.type.value
+            for e in told_shop
+            if e.type.value.startswith("payment.") and e.type is not EventType.PAYMENT_CREATED
+        ] == [f"payment.{m.to_status.value}" for m in moves]
+        assert sorted(e.anomaly_id for e in told_shop if e.type is EventType.ANOMALY_OPENED) == (
+            sorted(a.id for a in opened)
+        )
         new_moves = [e for e in timeline[self.seen_events :] if e.from_status != e.to_status]
 
         # Each transition starts where the one before ended, and they end where the payment is.
