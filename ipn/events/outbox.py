@@ -133,10 +133,12 @@ def record(
     anomaly_id: int | None = None,
 ) -> MerchantEvent:
     """Write one event and its deliveries inside the caller's transaction."""
+    # ASCII only: whatever a sender put in an anomaly's evidence (a lone surrogate, a NUL) is
+    # escaped, so the body always encodes, and signs, the same.
     body = json.dumps(
         {"type": event_type.value, "timestamp": serialize.when(now), "data": data},
         separators=(",", ":"),
-        ensure_ascii=False,
+        default=str,
     )
     event = MerchantEvent(
         id=new_id("evt_"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -283,3 +284,26 @@ def test_anomalies_opened_and_resolved_are_events_in_the_payment_sequence(
         "refunded by hand",
     )
     assert count(services.db, MerchantEvent) == 2
+
+
+def test_whatever_a_sender_put_in_the_evidence_makes_an_ascii_body(services: Services) -> None:
+    payment = make_payment(services.db, status=P.EXPIRED)
+    finding = Finding(
+        AnomalyKind.UNEXPECTED_FUNDS,
+        f"odd:{payment.id}",
+        "odd",
+        {"report": {"note": "caf\u00e9 \ud800 \x00", "amount": Decimal("1e-20")}},
+    )
+    with services.db.transaction() as session:
+        held = session.get(Payment, payment.id)
+        assert held is not None
+        write(
+            session,
+            held,
+            Change(Verdict.REFUSE, P.EXPIRED, P.EXPIRED, "odd", (finding,)),
+            EVIDENCE,
+            START,
+        )
+    [event] = merchant_events(services)
+    assert event.body.isascii()
+    assert json.loads(event.body)["data"]["evidence"]["report"]["note"] == "caf\u00e9 \ud800 \x00"
