@@ -75,6 +75,8 @@ MODULES: dict[str, list[str]] = {
         "tests/providers/test_cryptoprocessing.py",
         *SHARED_TESTS,
     ],
+    "ipn/events/outbox.py": ["tests/events", "tests/test_transitions.py"],
+    "ipn/events/delivery.py": ["tests/events"],
 }
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
 

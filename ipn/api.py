@@ -18,20 +18,15 @@ from ipn import replay as replays
 from ipn.anomalies import resolve_anomaly
 from ipn.dispatch import enqueue
 from ipn.errors import InvalidPaymentRequest, ProviderError
-from ipn.events import history
 from ipn.services import Services
 from models import (
     Anomaly,
     AnomalyStatus,
-    DeliveryStatus,
-    EventType,
-    MerchantEvent,
     Notification,
     NotificationStatus,
     Payment,
     PaymentStatus,
     ReplayMode,
-    utcnow,
 )
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -42,7 +37,6 @@ MAX_LIMIT = 1000
 MAX_ROW_ID = 2**63 - 1
 WHOLE_NUMBER = re.compile(r"[0-9]{1,19}")
 PAYMENT_ID = re.compile(r"pay_[0-9a-hjkmnp-tv-z]{26}")
-EVENT_ID = re.compile(r"evt_[0-9a-hjkmnp-tv-z]{26}")
 MAX_REFERENCE = 255
 
 
@@ -209,51 +203,6 @@ def resolve(anomaly_ref: str) -> Response:
         raise BadRequest(str(exc), 409) from None
 
 
-@bp.get("/events")
-def list_events() -> Response:
-    return _page(
-        _event_filter(request.args).apply(select(MerchantEvent)),
-        MerchantEvent.id,
-        history.item,
-        cursor=_text_arg("cursor"),
-    )
-
-
-@bp.get("/events/<event_id>")
-def show_event(event_id: str) -> Response:
-    with _services().db.sessions() as session:
-        event = session.get(MerchantEvent, _event_id(event_id))
-        if event is None:
-            raise BadRequest(f"no event {event_id}", 404)
-        return jsonify(history.detail(session, event))
-
-
-@bp.post("/events/<event_id>/redeliver")
-def redeliver_one(event_id: str) -> tuple[Response, int]:
-    services = _services()
-    with services.db.sessions() as session:
-        if session.get(MerchantEvent, _event_id(event_id)) is None:
-            raise BadRequest(f"no event {event_id}", 404)
-    queued = history.redeliver(services, [event_id], utcnow())
-    return jsonify(count=len(queued), ids=queued), 202
-
-
-@bp.post("/events/redeliver")
-def redeliver_many() -> Response:
-    body = _json_body()
-    which = _event_filter(body)
-    if not which:
-        raise BadRequest("give at least one of payment_id, type, status, since, until")
-    dry_run = body.get("dry_run", False)
-    if not isinstance(dry_run, bool):
-        raise BadRequest("dry_run must be true or false")
-    services = _services()
-    ids = list(history.matching_ids(services, which))
-    if not dry_run:
-        ids = history.redeliver(services, ids, utcnow())
-    return jsonify(count=len(ids), ids=ids, dry_run=dry_run)
-
-
 def _services() -> Services:
     services: Services = current_app.extensions["ipn"]
     return services
@@ -361,27 +310,6 @@ def _replay_filter(args: Any) -> replays.ReplayFilter:
     return replays.ReplayFilter(
         provider=_provider(provider) if provider else None,
         status=_choice(NotificationStatus, status, "status") if status else None,
-        since=_time(args.get("since"), "since"),
-        until=_time(args.get("until"), "until"),
-    )
-
-
-def _event_id(value: str) -> str:
-    if not EVENT_ID.fullmatch(value):
-        raise BadRequest(f"event id: {value[:40]!r} is not an event id (evt_...)", 404)
-    return value
-
-
-def _event_filter(args: Any) -> history.EventFilter:
-    event_type = args.get("type")
-    status = args.get("status")
-    payment_id = args.get("payment_id")
-    if payment_id is not None and (not isinstance(payment_id, str) or "\x00" in payment_id):
-        raise BadRequest("payment_id must be a payment id")
-    return history.EventFilter(
-        payment_id=payment_id or None,
-        type=_choice(EventType, event_type, "type") if event_type else None,
-        status=_choice(DeliveryStatus, status, "status") if status else None,
         since=_time(args.get("since"), "since"),
         until=_time(args.get("until"), "until"),
     )

@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(endpoints_api.bp)
+    app.register_blueprint(endpoints_api.events_bp)
     cli.register(app)
 
     @app.errorhandler(HTTPException)

@@ -1,22 +1,40 @@
-"""The merchant's endpoints over the API: thin views over ipn.events.endpoints, behind the
-operator API's token."""
+"""Merchant events over the API, behind the operator API's token: the merchant's endpoints
+(thin views over ipn.events.endpoints) and the delivery log (over ipn.events.history)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import select
 
-from ipn.api import BadRequest, _json_body, _services, bad_request, require_token
-from ipn.events import endpoints
+from ipn.api import (
+    BadRequest,
+    _choice,
+    _json_body,
+    _page,
+    _services,
+    _text_arg,
+    _time,
+    bad_request,
+    require_token,
+)
+from ipn.events import endpoints, history
 from ipn.events import serialize as shapes
 from ipn.serialize import when
-from models import utcnow
+from models import DeliveryStatus, EventType, MerchantEvent, utcnow
 
 bp = Blueprint("endpoints", __name__, url_prefix="/api/endpoints")
 # The operator API's own guard and error answer, not a copy of them.
 bp.before_request(require_token)
 bp.register_error_handler(BadRequest, bad_request)
+
+events_bp = Blueprint("events", __name__, url_prefix="/api/events")
+events_bp.before_request(require_token)
+events_bp.register_error_handler(BadRequest, bad_request)
+
+EVENT_ID = re.compile(r"evt_[0-9a-hjkmnp-tv-z]{26}")
 
 
 @bp.errorhandler(endpoints.InvalidEndpoint)
@@ -94,3 +112,72 @@ def rotate_secret(endpoint_id: str) -> Response:
             secret=secret,
             previous_secret_valid_until=when(endpoint.previous_secret_until),
         )
+
+
+# The delivery log ----------------------------------------------------------------------------
+
+
+@events_bp.get("")
+def list_events() -> Response:
+    return _page(
+        _event_filter(request.args).apply(select(MerchantEvent)),
+        MerchantEvent.id,
+        history.item,
+        cursor=_text_arg("cursor"),
+    )
+
+
+@events_bp.get("/<event_id>")
+def show_event(event_id: str) -> Response:
+    with _services().db.sessions() as session:
+        event = session.get(MerchantEvent, _event_id(event_id))
+        if event is None:
+            raise BadRequest(f"no event {event_id}", 404)
+        return jsonify(history.detail(session, event))
+
+
+@events_bp.post("/<event_id>/redeliver")
+def redeliver_one(event_id: str) -> tuple[Response, int]:
+    services = _services()
+    with services.db.sessions() as session:
+        if session.get(MerchantEvent, _event_id(event_id)) is None:
+            raise BadRequest(f"no event {event_id}", 404)
+    queued = history.redeliver(services, [event_id], utcnow())
+    return jsonify(count=len(queued), ids=queued), 202
+
+
+@events_bp.post("/redeliver")
+def redeliver_many() -> Response:
+    body = _json_body()
+    which = _event_filter(body)
+    if not which:
+        raise BadRequest("give at least one of payment_id, type, status, since, until")
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise BadRequest("dry_run must be true or false")
+    services = _services()
+    ids = list(history.matching_ids(services, which))
+    if not dry_run:
+        ids = history.redeliver(services, ids, utcnow())
+    return jsonify(count=len(ids), ids=ids, dry_run=dry_run)
+
+
+def _event_id(value: str) -> str:
+    if not EVENT_ID.fullmatch(value):
+        raise BadRequest(f"event id: {value[:40]!r} is not an event id (evt_...)", 404)
+    return value
+
+
+def _event_filter(args: Any) -> history.EventFilter:
+    event_type = args.get("type")
+    status = args.get("status")
+    payment_id = args.get("payment_id")
+    if payment_id is not None and (not isinstance(payment_id, str) or "\x00" in payment_id):
+        raise BadRequest("payment_id must be a payment id")
+    return history.EventFilter(
+        payment_id=payment_id or None,
+        type=_choice(EventType, event_type, "type") if event_type else None,
+        status=_choice(DeliveryStatus, status, "status") if status else None,
+        since=_time(args.get("since"), "since"),
+        until=_time(args.get("until"), "until"),
+    )
