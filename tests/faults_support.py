@@ -1,9 +1,10 @@
 """Support for the worker and fault tests: servers of their own (a fake BitcoinPaygate status API,
-the app on a real HTTP port, a throwaway Redis, a throwaway PostgreSQL cluster) and signed
-callbacks. Every server here is started and stopped by the test that owns it."""
+a merchant's shop, the app on a real HTTP port, a throwaway Redis, a throwaway PostgreSQL cluster)
+and signed callbacks. Every server here is started and stopped by the test that owns it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -22,6 +23,8 @@ from typing import Any
 import psycopg
 import redis
 from flask import Flask
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 from werkzeug.serving import make_server
 
 from ipn.dispatch import sender
@@ -173,6 +176,133 @@ def fake_bitcoinpaygate(**kwargs: Any) -> Iterator[FakeBitcoinPaygate]:
         yield fake
     finally:
         fake.stop()
+
+
+# A merchant's shop --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One verified event as the shop received it, and how the shop was answering then."""
+
+    webhook_id: str
+    type: str
+    payment_id: str | None
+    sequence: int | None
+    mode: str
+    at: float
+
+
+class MerchantShop:
+    """A merchant's endpoint on a real port. It verifies every request with the `standardwebhooks`
+    library (never with our own signing code) and records each verified one in arrival order,
+    then answers by `mode`: "ok" (200), "error" (500), "slow" (200 after `slow_seconds`, beyond
+    the sender's patience), "hold" (200 once `release()` is called). `stop()` closes the port, so
+    connections are refused, and `start()` opens the same port again."""
+
+    MODES = ("ok", "error", "slow", "hold")
+
+    def __init__(self, slow_seconds: float = 4.0) -> None:
+        self.secret = ""
+        self.mode = "ok"
+        self.slow_seconds = slow_seconds
+        self.arrivals: list[Arrival] = []
+        self.rejected: list[str] = []
+        self._lock = threading.Lock()
+        self._gate = threading.Event()
+        self._stopping = threading.Event()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/events"
+        self.server: ThreadingHTTPServer | None = None
+        self.start()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        shop = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    Webhook(shop.secret).verify(body, dict(self.headers.items()))
+                except WebhookVerificationError as exc:
+                    with shop._lock:
+                        shop.rejected.append(str(exc))
+                    self._answer(401)
+                    return
+                event = json.loads(body)
+                data = event.get("data") or {}
+                mode = shop.mode
+                with shop._lock:
+                    shop.arrivals.append(
+                        Arrival(
+                            self.headers["webhook-id"],
+                            event["type"],
+                            data.get("id") if event["type"].startswith("payment.") else None,
+                            data.get("sequence"),
+                            mode,
+                            time.time(),
+                        )
+                    )
+                if mode == "hold":
+                    shop._gate.wait(timeout=120)
+                elif mode == "slow":
+                    shop._stopping.wait(shop.slow_seconds)
+                self._answer(500 if mode == "error" else 200)
+
+            def _answer(self, code: int) -> None:
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+                except OSError:  # the sender gave up or was killed meanwhile
+                    pass
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def start(self, mode: str | None = None) -> None:
+        """Listen (again) on the shop's port."""
+        assert self.server is None
+        if mode is not None:
+            self.mode = mode
+        self._stopping.clear()
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.server = server
+
+    def stop(self) -> None:
+        """Close the port: from now on a connection is refused."""
+        if self.server is None:
+            return
+        self._stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.server = None
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def received(self, mode: str | None = None) -> list[Arrival]:
+        with self._lock:
+            return [a for a in self.arrivals if mode is None or a.mode == mode]
+
+    @property
+    def ids(self) -> list[str]:
+        return [arrival.webhook_id for arrival in self.received()]
+
+
+@contextmanager
+def merchant_shop(**kwargs: Any) -> Iterator[MerchantShop]:
+    shop = MerchantShop(**kwargs)
+    try:
+        yield shop
+    finally:
+        shop.release()
+        shop.stop()
 
 
 # The app on a real port -----------------------------------------------------------------------

@@ -297,7 +297,10 @@ def _record(
             # Our lease ended and another attempt took over: the attempt is on record, its
             # outcome is the other attempt's to write.
             return Outcome(f"delivery {delivery.id}: lease lost, attempt recorded")
-        endpoint = session.get(Endpoint, delivery.endpoint_id, with_for_update=True)
+        # FOR NO KEY UPDATE, not FOR UPDATE: the attempt just inserted holds a key-share lock on
+        # the endpoint row (its foreign key), as does every concurrent attempt to the same
+        # endpoint, and FOR UPDATE would wait for theirs while they wait for ours: a deadlock.
+        endpoint = session.get(Endpoint, delivery.endpoint_id, with_for_update={"key_share": True})
         assert endpoint is not None
         delivery.attempts += 1
         delivery.lease_token = delivery.leased_until = None
