@@ -53,6 +53,7 @@ class _Held:
 
     delivery_id: int
     token: str
+    endpoint_id: str
     event_id: str
     body: str
     url: str
@@ -247,7 +248,7 @@ def _lease(services: Services, delivery_id: int, now: datetime) -> _Held | Outco
             return Outcome(f"delivery {delivery_id} is being attempted")
         event = session.get(MerchantEvent, delivery.event_id)
         assert event is not None
-        return _Held(delivery_id, token, event.id, event.body, endpoint.url, keys)
+        return _Held(delivery_id, token, endpoint.id, event.id, event.body, endpoint.url, keys)
 
 
 def _secrets(endpoint: Endpoint, merchant_secret: str | None, now: datetime) -> tuple[str, ...]:
@@ -279,8 +280,13 @@ def _record(
     if answer is not None and not delivered:
         error = f"answered {answer.status_code}"
     with services.db.transaction() as session:
+        # The endpoint first, then the delivery: the order enabling or deleting an endpoint takes
+        # them in, so the two never wait for each other. FOR NO KEY UPDATE, not FOR UPDATE:
+        # every attempt inserted for this endpoint holds a key-share lock on its row (the foreign
+        # key), which FOR UPDATE would wait for while they wait for ours.
+        endpoint = session.get(Endpoint, held.endpoint_id, with_for_update={"key_share": True})
         delivery = session.get(Delivery, held.delivery_id, with_for_update=True)
-        assert delivery is not None
+        assert endpoint is not None and delivery is not None
         session.add(
             DeliveryAttempt(
                 delivery_id=delivery.id,
@@ -297,11 +303,6 @@ def _record(
             # Our lease ended and another attempt took over: the attempt is on record, its
             # outcome is the other attempt's to write.
             return Outcome(f"delivery {delivery.id}: lease lost, attempt recorded")
-        # FOR NO KEY UPDATE, not FOR UPDATE: the attempt just inserted holds a key-share lock on
-        # the endpoint row (its foreign key), as does every concurrent attempt to the same
-        # endpoint, and FOR UPDATE would wait for theirs while they wait for ours: a deadlock.
-        endpoint = session.get(Endpoint, delivery.endpoint_id, with_for_update={"key_share": True})
-        assert endpoint is not None
         delivery.attempts += 1
         delivery.lease_token = delivery.leased_until = None
         if delivered:
