@@ -89,7 +89,7 @@ def deliver(
             connect_timeout=events.connect_timeout,
             total_timeout=events.total_timeout,
         )
-    except (urls.DeliveryError, urls.UnsafeURL) as exc:
+    except urls.DeliveryError as exc:  # UnsafeURL among them: refused before any connection
         error = str(exc)[:ERROR_KEPT] or type(exc).__name__
     duration_ms = answer.duration_ms if answer else int((time.monotonic() - started) * 1000)
     return _record(services, held, answer, error, duration_ms, now)

@@ -366,3 +366,110 @@ def move_at(services: Services, payment_id: str, after: PaymentStatus, now: date
             Evidence(EventSource.POLL, "poll"),
             now,
         )
+
+
+def test_only_a_2xx_is_delivered(services: Services) -> None:
+    add_endpoint(services)
+    payment = make_payment(services.db)
+    move(services, payment.id, P.PAID)
+    delivery_id = only_delivery(services).id
+    shop = Shop()
+    shop.answers = [300, 199, 204]
+    now = START
+    for _ in range(3):
+        delivery.deliver(services, delivery_id, now=now, post=shop)
+        now = only_delivery(services).next_attempt_at or now
+    row = only_delivery(services)
+    assert (row.status, row.attempts) == (D.DELIVERED, 3)
+    # The last error stays on record beside the delivery that came after it.
+    assert row.last_error == "answered 199"
+    assert [a.status_code for a in attempts(services)] == [300, 199, 204]
+
+
+def test_an_attempt_that_gets_no_answer_is_timed_too(services: Services) -> None:
+    add_endpoint(services)
+    payment = make_payment(services.db)
+    move(services, payment.id, P.PAID)
+
+    def refused(*args: Any, **kwargs: Any) -> urls.Answer:
+        raise urls.DeliveryError("connection refused")
+
+    delivery.deliver(services, only_delivery(services).id, now=START, post=refused)
+    [attempt] = attempts(services)
+    assert 0 <= attempt.duration_ms < 5000
+    assert (attempt.status_code, attempt.response) == (None, None)
+
+
+def test_an_attempt_overtaken_by_another_still_in_flight_writes_no_outcome(
+    services: Services,
+) -> None:
+    add_endpoint(services)
+    payment = make_payment(services.db)
+    move(services, payment.id, P.PAID)
+    delivery_id = only_delivery(services).id
+
+    def overtaken(*args: Any, **kwargs: Any) -> urls.Answer:
+        # Meanwhile our lease ran out and another worker holds the delivery, mid-attempt.
+        with services.db.transaction() as session:
+            row = session.get(Delivery, delivery_id)
+            assert row is not None
+            row.lease_token = "another-worker"
+        return urls.Answer(200, b"ok", 1)
+
+    outcome = delivery.deliver(services, delivery_id, now=START, post=overtaken)
+    assert "lease lost" in outcome.summary
+    row = only_delivery(services)
+    assert (row.status, row.attempts, row.lease_token) == (D.PENDING, 0, "another-worker")
+    assert len(attempts(services)) == 1
+
+
+def test_the_lease_holds_to_its_last_instant(services: Services) -> None:
+    add_endpoint(services)
+    payment = make_payment(services.db)
+    move(services, payment.id, P.PAID)
+    delivery_id = only_delivery(services).id
+    lease = services.settings.events.lease
+    shop = Shop()
+
+    def killed(*args: Any, **kwargs: Any) -> urls.Answer:
+        raise SystemExit("the worker dies mid-attempt")
+
+    with pytest.raises(SystemExit):
+        delivery.deliver(services, delivery_id, now=START, post=killed)
+    held = delivery.deliver(services, delivery_id, now=START + lease, post=shop)
+    assert "is being attempted" in held.summary
+    assert delivery.deliver_due(services, [].append, now=START + lease) == 0
+    after = START + lease + timedelta(microseconds=1)
+    assert delivery.deliver_due(services, [].append, now=after) == 1
+    taken = delivery.deliver(services, delivery_id, now=after, post=shop)
+    assert "delivered" in taken.summary
+    assert len(shop.received) == 1
+
+
+def test_calls_that_find_nothing_to_do_say_so(services: Services) -> None:
+    add_endpoint(services)
+    payment = make_payment(services.db)
+    move(services, payment.id, P.PAID)
+    shop = Shop()
+    missing = delivery.deliver(services, 10**9, now=START, post=shop)
+    assert (missing.summary, missing.wake, missing.retry_in) == ("no delivery 1000000000", [], None)
+    delivery_id = only_delivery(services).id
+    delivery.deliver(services, delivery_id, now=START, post=shop)
+    again = delivery.deliver(services, delivery_id, now=START, post=shop)
+    assert (again.summary, again.wake) == (f"delivery {delivery_id} already delivered", [])
+    assert len(shop.received) == 1
+
+
+def test_an_endpoint_with_no_secret_to_sign_with_gets_nothing(services: Services) -> None:
+    add_endpoint(services, secret=None)  # the merchant secret, which is not set here
+    assert services.settings.events.webhook_secret is None
+    payment = make_payment(services.db)
+    move(services, payment.id, P.CONFIRMING)
+    move(services, payment.id, P.PAID)
+    first, second = (d.id for d in _deliveries(services))
+    shop = Shop()
+    outcome = delivery.deliver(services, first, now=START, post=shop)
+    assert outcome.wake == [second]
+    assert shop.received == []
+    row = _deliveries(services)[0]
+    assert (row.status, row.last_error) == (D.FAILED, "not sent: no secret to sign with")

@@ -25,6 +25,7 @@ from models import (
     EndpointOrigin,
     EndpointStatus,
     EventSource,
+    EventType,
     MerchantEvent,
     Payment,
     PaymentStatus,
@@ -220,6 +221,7 @@ def test_the_environment_endpoint_follows_the_environment(services: Services) ->
     move(services, payment.id, P.UNDERPAID)
     configure(None)
     move(services, payment.id, P.PAID)
+    move(services, payment.id, P.PAID)  # a note, and the endpoint stays off while unset
     configure("https://shop.example/moved")
     move(services, payment.id, P.REFUNDED)
 
@@ -307,3 +309,23 @@ def test_whatever_a_sender_put_in_the_evidence_makes_an_ascii_body(services: Ser
     [event] = merchant_events(services)
     assert event.body.isascii()
     assert json.loads(event.body)["data"]["evidence"]["report"]["note"] == "caf\u00e9 \ud800 \x00"
+
+
+def test_an_anomaly_without_a_payment_is_an_event_outside_any_sequence(
+    services: Services,
+) -> None:
+    from ipn.anomalies import open_anomaly
+    from models import Anomaly
+
+    add_endpoint(services)
+    with services.db.transaction() as session:
+        anomaly_id = open_anomaly(session, AnomalyKind.UNEXPECTED_FUNDS, "stray", {"detail": "x"})
+        assert anomaly_id is not None
+        anomaly = session.get(Anomaly, anomaly_id)
+        assert anomaly is not None
+        outbox.anomaly_event(session, EventType.ANOMALY_OPENED, anomaly, None, START)
+    [event] = merchant_events(services)
+    assert (event.payment_id, event.sequence) == (None, None)
+    assert "sequence" not in json.loads(event.body)["data"]
+    [row] = deliveries(services)
+    assert (row.payment_id, row.sequence) == (None, None)
