@@ -112,8 +112,12 @@ def login() -> BaseResponse | tuple[str, int] | str:
     if request.method == "GET":
         return render_template("console/login.html")
     address = request.remote_addr or "-"
-    recent = _failures[address]
     now = time.monotonic()
+    # Forget addresses whose failures are all old, so the table holds only recent ones.
+    stale = [a for a, t in _failures.items() if not t or now - t[-1] > FAILURE_WINDOW_SECONDS]
+    for seen in stale:
+        del _failures[seen]
+    recent = _failures[address]
     while recent and now - recent[0] > FAILURE_WINDOW_SECONDS:
         recent.popleft()
     if len(recent) >= FAILURES_ALLOWED:
@@ -129,7 +133,7 @@ def login() -> BaseResponse | tuple[str, int] | str:
     if who is None:
         recent.append(now)
         return render_template("console/login.html", error=accounts.REFUSED), 401
-    recent.clear()
+    _failures.pop(address, None)
     session.clear()
     session.permanent = True
     session["who"] = who.name or ""
