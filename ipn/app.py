@@ -55,6 +55,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(endpoints_api.bp)
     app.register_blueprint(endpoints_api.events_bp)
     cli.register(app)
+    if settings.console:
+        from ipn import console
+
+        console.init_app(app, settings)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
@@ -62,6 +66,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         # a provider's log can show.
         if request.path == "/api" or request.path.startswith("/api/"):
             response = jsonify(error=f"{error.name}: {error.description}")
+        elif settings.console and (
+            request.path == "/console" or request.path.startswith("/console/")
+        ):
+            from ipn.console.views import error_page
+
+            response = error_page(error.code or 500, error.name, _sentence(error))
         else:
             response = Response(
                 f"{error.code} {error.name}: {error.description}\n", mimetype="text/plain"
@@ -74,3 +84,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         return response
 
     return app
+
+
+def _sentence(error: HTTPException) -> str:
+    """What a console page says about an error: our own words, or werkzeug's stock ones; a 500
+    never shows the exception behind it."""
+    if (error.code or 500) >= 500:
+        return "Something went wrong on our side; the error is in the server's log."
+    return error.description or ""

@@ -101,6 +101,13 @@ def register(app: Flask) -> None:
         app.cli.add_command(command)
     app.cli.add_command(_endpoints_group())
     app.cli.add_command(_events_group())
+    app.cli.add_command(_operators_group())
+
+
+def _operators_group() -> click.Command:
+    from ipn.console.cli import operators
+
+    return operators
 
 
 def _events_group() -> click.Command:

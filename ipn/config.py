@@ -171,6 +171,10 @@ class Settings:
     database_url: str
     redis_url: str | None = None
     api_token: str | None = field(default=None, repr=False)
+    # Signs the operator console's session cookies (IPN_SECRET_KEY).
+    secret_key: str | None = field(default=None, repr=False)
+    # The operator console under /console (IPN_CONSOLE=0 turns it off).
+    console: bool = True
     public_url: str = "http://localhost:8000"
     max_body_bytes: int = 65536
     port: int = 8000
@@ -209,6 +213,12 @@ class Settings:
         return self.redis_url is None
 
     @property
+    def local_default(self) -> bool:
+        """The embedded default of `ipn run` (and its sandbox): SQLite and no Redis, one machine.
+        Only here may the console's session key be generated and kept in the data directory."""
+        return self.embedded and self.database_url.startswith("sqlite")
+
+    @property
     def broker_url(self) -> str:
         if self.redis_url:
             return self.redis_url
@@ -240,6 +250,8 @@ class Settings:
             database_url=database_url,
             redis_url=reader.text("REDIS_URL"),
             api_token=reader.text("IPN_API_TOKEN"),
+            secret_key=reader.text("IPN_SECRET_KEY"),
+            console=reader.flag("IPN_CONSOLE", default=True),
             public_url=(reader.text("IPN_PUBLIC_URL") or "http://localhost:8000").rstrip("/"),
             max_body_bytes=reader.integer("IPN_MAX_BODY_BYTES", 65536, minimum=1024),
             port=reader.integer("PORT", 8000, minimum=1, maximum=65535),
@@ -335,6 +347,13 @@ class Settings:
                     "COINBARPAY_TOKEN_API_KEY must be 32 bytes and COINBARPAY_TOKEN_SECRET 16 bytes"
                 )
         self._check_events()
+        if self.console and not self.secret_key and not self.local_default:
+            raise ConfigurationError(
+                "IPN_SECRET_KEY must be set to sign the console's sessions"
+                " (or IPN_CONSOLE=0 to turn the console off)"
+            )
+        if self.secret_key and len(self.secret_key) < 16:
+            raise ConfigurationError("IPN_SECRET_KEY must be at least 16 characters")
         if self.task_retry_backoff_max >= self.visibility_timeout:
             raise ConfigurationError(
                 "IPN_TASK_RETRY_BACKOFF_MAX must be shorter than IPN_VISIBILITY_TIMEOUT"
@@ -419,8 +438,8 @@ class _EnvReader:
             raise ConfigurationError(f"{name} must be positive, not {raw!r}")
         return value
 
-    def flag(self, name: str) -> bool:
-        raw = (self.text(name) or "0").lower()
+    def flag(self, name: str, *, default: bool = False) -> bool:
+        raw = (self.text(name) or ("1" if default else "0")).lower()
         if raw not in ("0", "1", "true", "false", "yes", "no"):
             raise ConfigurationError(f"{name} must be 1 or 0, not {raw!r}")
         return raw in ("1", "true", "yes")

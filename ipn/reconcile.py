@@ -22,7 +22,7 @@ from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from ipn.services import Services
 from ipn.transitions import Evidence, Verdict, apply_snapshot, expire_by_clock
-from models import EventSource, Payment, PaymentStatus, utcnow
+from models import EventSource, Payment, PaymentEvent, PaymentStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ def check_payment(
     now: datetime | None = None,
     force: bool = False,
     lease: str | None = None,
+    requested_by: str | None = None,
 ) -> Check:
     """Ask the provider about one payment and apply the answer, at the check's own time.
 
@@ -203,8 +204,15 @@ def check_payment(
     `ipn reconcile --payment`); a payment another check holds is left to it. A final payment
     (settled, watch over) is never asked. A failure of any kind is recorded on the payment
     (`poll_failures`, `last_check_error`) and returned as a `failed` check, so one bad answer
-    cannot stop a pass; only an error that stops even that record is raised."""
+    cannot stop a pass; only an error that stops even that record is raised.
+
+    With `requested_by` (an operator asking from the console), the timeline also gets a line
+    saying who asked and what came of it, whatever the check changed."""
     now = now or utcnow()
+    if requested_by is not None:
+        check = check_payment(services, payment_id, now=now, force=force, lease=lease)
+        _record_request(services, payment_id, requested_by, check, now)
+        return check
     if lease is None:
         taken = _lease_one(services, payment_id, now, force)
         if isinstance(taken, Check):
@@ -254,6 +262,31 @@ def _check(
         _record_failure(services, payment_id, schedule, now, str(exc), lease)
         return Check(payment_id, "failed", str(exc))
     return _apply_answer(services, provider, payment_id, snapshot, schedule, now, lease)
+
+
+def _record_request(
+    services: Services, payment_id: str, requested_by: str, check: Check, now: datetime
+) -> None:
+    """A timeline line for an operator's check: who asked, and the check's outcome. It changes
+    nothing (from and to are the payment's status), so it carries no merchant event."""
+    with services.db.transaction() as session:
+        payment = session.get(Payment, payment_id)
+        if payment is None:
+            return
+        session.add(
+            PaymentEvent(
+                payment_id=payment_id,
+                at=now,
+                source=EventSource.OPERATOR,
+                from_status=payment.status,
+                to_status=payment.status,
+                provider_status=payment.provider_status,
+                detail=f"reconcile asked by {requested_by}: {check.outcome}: {check.message}"[
+                    :ERROR_LIMIT
+                ],
+                data={"requested_by": requested_by, "outcome": check.outcome},
+            )
+        )
 
 
 def _lease_one(services: Services, payment_id: str, now: datetime, force: bool) -> str | Check:

@@ -19,6 +19,7 @@ from models.notification import (
     NotificationStatus,
     ReplayMode,
 )
+from models.operator import Operator
 from models.payment import OPEN, TERMINAL, EventSource, Payment, PaymentEvent, PaymentStatus
 from models.rate_limit import ProviderCalls
 
@@ -43,6 +44,7 @@ __all__ = [
     "NotificationKind",
     "NotificationReplay",
     "NotificationStatus",
+    "Operator",
     "Payment",
     "PaymentEvent",
     "PaymentStatus",

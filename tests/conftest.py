@@ -64,6 +64,7 @@ PROVIDER_ENV = {
 }
 FAST_ENV = {
     "IPN_API_TOKEN": "test-token",
+    "IPN_SECRET_KEY": "test-secret-key-for-console-sessions",
     "IPN_HTTP_ATTEMPTS": "2",
     "IPN_HTTP_BACKOFF_MAX": "0.01",
     "IPN_HTTP_READ_TIMEOUT": "2",
