@@ -16,8 +16,9 @@ inside a round alternates), the median of the per-round ratios reported:
 3. accept: the app under gunicorn as the Procfile runs it (gevent workers,
    `ipn.gunicorn_config`), twice: one database with no endpoint and no IPN_MERCHANT_WEBHOOK_URL,
    one with a registered endpoint and IPN_MERCHANT_WEBHOOK_URL set; no worker runs. C client
-   threads POST signed CryptoProcessing callbacks over keep-alive connections for D seconds to
-   one server, then to the other. Callbacks accepted per second, on / off.
+   threads POST signed CryptoProcessing callbacks, a new connection each, for D seconds to one
+   server, then to the other; before the next run both dispatchers have put every accepted id
+   in their broker. Callbacks accepted per second, on / off.
 
 Each database is fresh (SQLite files in a temp dir, or throwaway PostgreSQL databases
 `ipn_bench_<random>` dropped afterwards, as in reconcile_pass.py), built by the migrations. The
@@ -40,6 +41,7 @@ import logging
 import os
 import queue
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -47,7 +49,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -424,10 +426,31 @@ class Server:
     port: int
     process: subprocess.Popen[bytes]
     services: Services
+    broker: Path
 
     def accepted(self) -> int:
         with self.services.db.sessions() as session:
             return int(session.scalar(select(func.count()).select_from(Notification)) or 0)
+
+    def queued(self) -> int:
+        """Messages the dispatcher has put in the embedded broker (no worker takes them)."""
+        with closing(sqlite3.connect(self.broker, timeout=30)) as connection:
+            try:
+                return int(connection.execute("SELECT count(*) FROM kombu_message").fetchone()[0])
+            except sqlite3.OperationalError:  # no message yet, no table yet
+                return 0
+
+
+def settle(servers: Sequence[Server]) -> None:
+    """Wait until every callback accepted so far is in its broker, so that no dispatcher is
+    still catching up while the other server is timed."""
+    deadline = time.monotonic() + 120
+    while any(server.queued() < server.accepted() for server in servers):
+        if time.monotonic() > deadline:
+            raise SystemExit(
+                f"dispatch fell behind: {[(s.queued(), s.accepted()) for s in servers]}"
+            )
+        time.sleep(0.2)
 
 
 def free_port() -> int:
@@ -476,7 +499,7 @@ def gunicorn(
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"gunicorn ({label}) did not start; see {log.name}")
             time.sleep(0.2)
-        yield Server(label, port, process, services)
+        yield Server(label, port, process, services, data_dir / "ipn-broker.sqlite")
     finally:
         process.terminate()
         process.wait(20)
@@ -492,26 +515,31 @@ def cp_headers(body: bytes) -> dict[str, str]:
 
 
 def hammer(server: Server, clients: int, seconds: float, tag: str) -> float:
-    """Callbacks accepted per second by `clients` keep-alive connections for `seconds`."""
+    """Callbacks accepted per second from `clients` threads for `seconds`, a new connection per
+    callback, as providers send them (and so spread over both gunicorn workers: a keep-alive
+    connection stays with the worker that accepted it, and 8 of them landing unevenly on 2
+    workers moved the figure by a third from one run to the next)."""
     counts = [0] * clients
     failures: list[str] = []
     before = server.accepted()
 
     def client(index: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         deadline = time.monotonic() + seconds
         sent = 0
         while time.monotonic() < deadline:
             body = (CP_CALLBACK % f"{tag}-{index}-{sent}").encode()
-            connection.request("POST", "/ipn/cryptoprocessing", body, cp_headers(body))
-            response = connection.getresponse()
-            answer = response.read()
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            try:
+                connection.request("POST", "/ipn/cryptoprocessing", body, cp_headers(body))
+                response = connection.getresponse()
+                answer = response.read()
+            finally:
+                connection.close()
             if response.status != 200:
                 failures.append(f"{response.status} {answer[:80]!r}")
                 return
             sent += 1
         counts[index] = sent
-        connection.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     started = perf_counter()
@@ -546,11 +574,13 @@ def measure_acceptance(
         rates: dict[str, list[float]] = {"off": [], "on": []}
         for server in (off, on):  # untimed warm-up
             hammer(server, plan.clients, 0.5, "warmup")
+        settle([off, on])
         for round_ in range(plan.accept_rounds):
             for server in rotated([off, on], round_):
                 rates[server.label].append(
                     hammer(server, plan.clients, plan.accept_seconds, f"r{round_}")
                 )
+                settle([off, on])
         with on.services.db.sessions() as session:
             events = session.scalar(select(func.count()).select_from(MerchantEvent))
         assert events == 0, "acceptance wrote events: something processed the callbacks"
