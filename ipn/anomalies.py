@@ -11,7 +11,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from ipn.events import outbox
-from models import Anomaly, AnomalyKind, AnomalyStatus, EventType, Payment, utcnow
+from models import Anomaly, AnomalyKind, AnomalyStatus, EventSource, EventType, Payment, utcnow
 
 
 def open_anomaly(
@@ -66,4 +66,15 @@ def resolve_anomaly(session: Session, anomaly_id: int, resolution: str, by: str)
         else None
     )
     outbox.anomaly_event(session, EventType.ANOMALY_RESOLVED, anomaly, payment, now)
+    if payment is not None:
+        from ipn.transitions import Evidence, record_note  # it imports this module
+
+        record_note(
+            session,
+            payment,
+            Evidence(EventSource.OPERATOR, "operator"),
+            f"anomaly #{anomaly.id} ({anomaly.kind.value}) resolved by {by}: {resolution}",
+            now,
+            {"anomaly_id": anomaly.id, "resolved_by": by},
+        )
     return anomaly

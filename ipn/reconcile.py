@@ -21,8 +21,8 @@ from ipn.errors import ConcurrentUpdate, ProviderError
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from ipn.services import Services
-from ipn.transitions import Evidence, Verdict, apply_snapshot, expire_by_clock
-from models import EventSource, Payment, PaymentEvent, PaymentStatus, utcnow
+from ipn.transitions import Evidence, Verdict, apply_snapshot, expire_by_clock, record_note
+from models import EventSource, Payment, PaymentStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -273,19 +273,13 @@ def _record_request(
         payment = session.get(Payment, payment_id)
         if payment is None:
             return
-        session.add(
-            PaymentEvent(
-                payment_id=payment_id,
-                at=now,
-                source=EventSource.OPERATOR,
-                from_status=payment.status,
-                to_status=payment.status,
-                provider_status=payment.provider_status,
-                detail=f"reconcile asked by {requested_by}: {check.outcome}: {check.message}"[
-                    :ERROR_LIMIT
-                ],
-                data={"requested_by": requested_by, "outcome": check.outcome},
-            )
+        record_note(
+            session,
+            payment,
+            Evidence(EventSource.OPERATOR, "operator"),
+            f"reconcile asked by {requested_by}: {check.outcome}: {check.message}"[:ERROR_LIMIT],
+            now,
+            {"requested_by": requested_by, "outcome": check.outcome},
         )
 
 

@@ -515,6 +515,30 @@ def record_creation(
     return _event(session, payment, evidence, None, P.PENDING, payment.provider_status, detail, now)
 
 
+def record_note(
+    session: Session,
+    payment: Payment,
+    evidence: Evidence,
+    detail: str,
+    now: datetime,
+    data: Mapping[str, Any] | None = None,
+) -> PaymentEvent:
+    """A timeline line that changes nothing (an operator's request, say): from and to are the
+    payment's state, so it tells the merchant nothing either."""
+    event = _event(
+        session,
+        payment,
+        evidence,
+        payment.status,
+        payment.status,
+        payment.provider_status,
+        detail,
+        now,
+    )
+    event.data = dict(data) if data else None
+    return event
+
+
 def expire_by_clock(
     session: Session,
     payment: Payment,

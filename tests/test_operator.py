@@ -305,6 +305,19 @@ def test_api_resolves_anomalies(
     ).get_json()
     assert resolved["status"] == AnomalyStatus.RESOLVED.value
     assert resolved["resolution"] == "refunded by hand"
+    # The payment's timeline says who resolved what, and changes nothing.
+    timeline = client.get(f"/api/payments/{anomaly['payment_id']}", headers=api_headers).get_json()[
+        "timeline"
+    ]
+    last = timeline[-1]
+    assert (last["source"], last["from_status"], last["to_status"]) == (
+        "operator",
+        "pending",
+        "pending",
+    )
+    assert last["detail"] == (
+        f"anomaly #{anomaly['id']} ({anomaly['kind']}) resolved by api: refunded by hand"
+    )
 
 
 def test_health_and_metrics_need_no_token(
