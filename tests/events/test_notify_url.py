@@ -10,6 +10,7 @@ import responses
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from standardwebhooks import Webhook
+from test_payments import CUBEPAY_ANSWER, CUBEPAY_CREATE, CUBEPAY_QUERY
 
 from events.shop import Shop
 from events.test_outbox import move
@@ -19,29 +20,9 @@ from ipn.services import Services
 from models import Delivery, Endpoint, EndpointOrigin, MerchantEvent, Payment, PaymentStatus
 
 from conftest import Backend, clean
-from helpers import PROVIDER_URL, count, make_payment
+from helpers import count, make_payment
 
 SECRET = signing.new_secret()
-CUBEPAY_CREATE = f"{PROVIDER_URL}/cubepay/payment/coin"
-CUBEPAY_QUERY = f"{PROVIDER_URL}/cubepay/payment/query"
-CUBEPAY_ANSWER = {
-    "status": 200,
-    "data": {
-        "id": "C1536678153791231775",
-        "status": 0,
-        "status_message": "unpaid",
-        "pay_url": "https://pay.cubepay.test/C1536678153791231775",
-        "pay_info": {
-            "coin": {"id": 2, "symbol": "BTC"},
-            "address": "bc1qcubeaddress",
-            "amount": "0.00042",
-            "paid_amount": "0",
-            "merchant_transaction_id": "order-7",
-            "source_coin": {"id": 447, "symbol": "USD"},
-            "source_amount": "10.50",
-        },
-    },
-}
 
 
 @pytest.fixture
