@@ -91,6 +91,8 @@ CP_ENV = {
     "CRYPTOPROCESSING_API_KEY": CP_KEY,
     "CRYPTOPROCESSING_SECRET": CP_SECRET,
     "CRYPTOPROCESSING_API_URL": "http://127.0.0.1:9/cryptoprocessing",
+    # No operator signs in here.
+    "IPN_CONSOLE": "0",
 }
 # A `paid` callback shaped as the provider sends it; only foreign_id differs between posts.
 CP_CALLBACK = (

@@ -334,6 +334,7 @@ def measure(
                 "DATABASE_URL": url,
                 "IPN_DATA_DIR": str(data_dir),
                 "IPN_POLL_LIMITS": POLL_LIMITS,
+                "IPN_CONSOLE": "0",  # no operator signs in here
             }
         )
         services = Services.from_settings(settings)
