@@ -13,7 +13,7 @@ from decimal import Decimal
 from traceback import format_exception
 from typing import TypeVar
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import (
     DBAPIError,
     IntegrityError,
@@ -45,6 +45,7 @@ from models import (
     EventSource,
     Notification,
     NotificationKind,
+    NotificationReplay,
     NotificationStatus,
     Payment,
     PaymentStatus,
@@ -81,6 +82,8 @@ class Claim:
     remote_addr: str | None
     replay_mode: ReplayMode | None
     attempts: int
+    # Who asked for the replay being run, for the payment's timeline.
+    replayed_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,16 @@ def _claim(services: Services, notification_id: int, now: datetime) -> Claim | N
         row.attempts += 1
         row.last_attempt_at = now
         row.next_attempt_at = now + services.settings.sweep_after
+        replayed_by = (
+            session.scalar(
+                select(NotificationReplay.requested_by)
+                .where(NotificationReplay.notification_id == row.id)
+                .order_by(NotificationReplay.id.desc())
+                .limit(1)
+            )
+            if row.replay_mode is not None
+            else None
+        )
         return Claim(
             row.id,
             row.provider,
@@ -334,6 +347,7 @@ def _claim(services: Services, notification_id: int, now: datetime) -> Claim | N
             row.remote_addr,
             row.replay_mode,
             row.attempts,
+            replayed_by,
         )
 
 
@@ -345,6 +359,8 @@ def _evidence(
     replay = claim.replay_mode is not None
     source = EventSource.REPLAY if replay else EventSource.CALLBACK
     origin = f"{'replay of ' if replay else ''}{claim.kind} #{claim.id}"
+    if replay and claim.replayed_by:
+        origin += f" by {claim.replayed_by}"
     verified = callback.authenticity is Authenticity.VERIFIED
     own = callback.snapshot
     stale = (

@@ -612,11 +612,13 @@ def test_unconfigured_provider_stores_and_ignores_then_replays(
     assert "not configured" in (row.outcome or "")
     # Configured later, the stored row replays into its effect.
     configured = Services.from_settings(settings)
-    replay(configured, [row.id], ReplayMode.STORED, lambda _id: None)
+    replay(configured, [row.id], ReplayMode.STORED, lambda _id: None, requested_by="cli")
     process_notification(configured, row.id)
     assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
     replayed = events(services.db, payment.id)[-1]
     assert replayed.source is EventSource.REPLAY
+    # The timeline says who asked for the replay.
+    assert f"replay of callback #{row.id} by cli" in replayed.detail
     app.extensions["ipn"].db.engine.dispose()
     configured.db.engine.dispose()
 
