@@ -637,11 +637,18 @@ def test_defect_2_a_second_late_deposit_opens_its_own_anomaly_and_keeps_the_mone
     first, second = anomalies(services.db)
     assert second.kind is AnomalyKind.LATE_PAYMENT and second.status is AnomalyStatus.OPEN
     assert "0.003" in second.evidence["detail"]
-    assert len(events(services.db, payment.id)) == 3
+    # The expiry, the first late deposit, the operator's resolve, the second late deposit.
+    timeline = events(services.db, payment.id)
+    assert [e.source for e in timeline] == [
+        EventSource.CALLBACK,
+        EventSource.CALLBACK,
+        EventSource.OPERATOR,
+        EventSource.CALLBACK,
+    ]
     # The same report again is the same fact: nothing more.
     cp_deliver(app, services, "expired", "0.003")
     assert len(anomalies(services.db)) == 2
-    assert len(events(services.db, payment.id)) == 3
+    assert len(events(services.db, payment.id)) == 4
 
 
 def test_money_on_a_providers_unpaid_end_after_our_expiry_is_kept_and_flagged(
