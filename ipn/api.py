@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 
-from ipn import payments, serialize
+from ipn import openapi, payments, serialize
 from ipn import replay as replays
 from ipn.anomalies import resolve_anomaly
 from ipn.dispatch import enqueue
@@ -65,6 +65,12 @@ def require_token() -> tuple[Response, int] | None:
     ):
         return jsonify(error="missing or wrong bearer token"), 401
     return None
+
+
+@bp.get("/openapi.json")
+def openapi_document() -> Response:
+    """The OpenAPI 3.1 document of this API; behind the token like the rest of /api."""
+    return jsonify(openapi.DOCUMENT)
 
 
 @bp.post("/payments")
