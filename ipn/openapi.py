@@ -332,6 +332,7 @@ def _operation(
     parameters: list[Schema] | None = None,
     body: Schema | None = None,
     body_required: bool = True,
+    example: Schema | None = None,
 ) -> Schema:
     responses = dict(answers)
     for code in ("401", *errors):
@@ -340,9 +341,12 @@ def _operation(
     if parameters:
         operation["parameters"] = parameters
     if body is not None:
+        media: Schema = {"schema": body}
+        if example is not None:
+            media["example"] = example
         operation["requestBody"] = {
             "required": body_required,
-            "content": {"application/json": {"schema": body}},
+            "content": {"application/json": media},
         }
         responses.setdefault("413", _answer(_ref("Error"), ERRORS["413"]))
     return operation
@@ -456,6 +460,15 @@ PATHS: dict[str, Schema] = {
             },
             ("400", "422", "502"),
             body=CREATE_PAYMENT,
+            example={
+                "provider": "cubepay",
+                "order_id": "M-1001",
+                "amount": "10.00",
+                "currency": "EUR",
+                "pay_currency": "BTC",
+                "description": "Order 1001",
+                "customer_email": "buyer@example.com",
+            },
         ),
         "get": _operation(
             "List payments",
@@ -572,6 +585,11 @@ PATHS: dict[str, Schema] = {
             {"201": _answer(_ref("Endpoint"), "Registered; the answer holds its secret, once.")},
             ("400", "422"),
             body={"type": "object", "properties": ENDPOINT_FIELDS, "required": ["url"]},
+            example={
+                "url": "https://93.184.215.14/events",
+                "events": ["payment.paid", "payment.expired"],
+                "description": "the shop",
+            },
         ),
         "get": _operation(
             "List merchant endpoints",
