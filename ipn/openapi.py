@@ -464,7 +464,7 @@ PATHS: dict[str, Schema] = {
                 "provider": "cubepay",
                 "order_id": "M-1001",
                 "amount": "10.00",
-                "currency": "EUR",
+                "currency": "USD",
                 "pay_currency": "BTC",
                 "description": "Order 1001",
                 "customer_email": "buyer@example.com",

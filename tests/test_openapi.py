@@ -5,6 +5,7 @@ answer outside its schema or content type."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import zlib
@@ -34,7 +35,7 @@ from models import PaymentStatus
 from conftest import Backend, RecordingDispatcher
 from helpers import cryptoprocessing_callback, cryptoprocessing_headers, make_payment
 
-# The fuzzing runs on the embedded default (SQLite); the routes are the same on PostgreSQL.
+# The routes are the same whatever the database.
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
 # A port nothing listens on: a create or a status query fails at once, without the network.
@@ -51,6 +52,10 @@ def no_server_error_but_a_documented_502(ctx: Any, response: Any, case: Any) -> 
     return not_a_server_error(ctx, response, case)
 
 
+# Enough for CI in seconds; raise it for a longer hunt (IPN_FUZZ_EXAMPLES=500).
+EXAMPLES = int(os.environ.get("IPN_FUZZ_EXAMPLES", "25"))
+# Where the fuzzing runs: the embedded default; IPN_FUZZ_BACKENDS=sqlite,postgresql for both.
+FUZZ_BACKENDS = os.environ.get("IPN_FUZZ_BACKENDS", "sqlite").split(",")
 CHECKS = [
     no_server_error_but_a_documented_502,
     status_code_conformance,
@@ -165,10 +170,10 @@ def seeded(app: Flask) -> dict[str, str]:
 schema = schemathesis.openapi.from_dict(DOCUMENT)
 
 
-@sqlite_only
+@pytest.mark.parametrize("backend", FUZZ_BACKENDS, indirect=True)
 @schema.parametrize()
 @settings(
-    max_examples=25,
+    max_examples=EXAMPLES,
     derandomize=True,
     deadline=None,
     suppress_health_check=list(HealthCheck),
