@@ -105,14 +105,14 @@ def list_payments() -> Response:
     return _page(query, Payment.id, serialize.payment, cursor=cursor)
 
 
-@bp.get("/payments/<reference>")
+@bp.get("/payments/<path:reference>")
 def show_payment(reference: str) -> Response:
     with _services().db.sessions() as session:
         payment = _payment_by_reference(session, reference)
         return jsonify(serialize.payment_detail(session, payment))
 
 
-@bp.post("/payments/<reference>/reconcile")
+@bp.post("/payments/<path:reference>/reconcile")
 def reconcile_payment(reference: str) -> Response:
     from ipn.reconcile import check_payment
 
