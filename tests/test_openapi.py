@@ -119,6 +119,17 @@ def test_the_document_is_served_behind_the_token(app: Flask) -> None:
     assert answer.get_json() == DOCUMENT
 
 
+@sqlite_only
+@pytest.mark.parametrize(("method", "path"), sorted(_documented_routes()))
+def test_every_operation_refuses_without_the_token(app: Flask, method: str, path: str) -> None:
+    # The document puts every operation behind the bearer scheme; the app must agree.
+    url = re.sub(r"\{[^}]+\}", "1", path)
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        answer = app.test_client().open(url, method=method, headers=headers, json={})
+        assert answer.status_code == 401, (method, path)
+        assert set(answer.get_json()) == {"error"}
+
+
 @pytest.fixture
 def numeric_hosts_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """No DNS: an endpoint URL naming a host does not resolve, one naming an address is
