@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 
-from ipn import payments, serialize
+from ipn import openapi, payments, serialize
 from ipn import replay as replays
 from ipn.anomalies import resolve_anomaly
 from ipn.dispatch import enqueue
@@ -67,6 +67,12 @@ def require_token() -> tuple[Response, int] | None:
     return None
 
 
+@bp.get("/openapi.json")
+def openapi_document() -> Response:
+    """The OpenAPI 3.1 document of this API; behind the token like the rest of /api."""
+    return jsonify(openapi.DOCUMENT)
+
+
 @bp.post("/payments")
 def create_payment() -> tuple[Response, int]:
     services = _services()
@@ -99,14 +105,14 @@ def list_payments() -> Response:
     return _page(query, Payment.id, serialize.payment, cursor=cursor)
 
 
-@bp.get("/payments/<reference>")
+@bp.get("/payments/<path:reference>")
 def show_payment(reference: str) -> Response:
     with _services().db.sessions() as session:
         payment = _payment_by_reference(session, reference)
         return jsonify(serialize.payment_detail(session, payment))
 
 
-@bp.post("/payments/<reference>/reconcile")
+@bp.post("/payments/<path:reference>/reconcile")
 def reconcile_payment(reference: str) -> Response:
     from ipn.reconcile import check_payment
 

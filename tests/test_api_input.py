@@ -124,6 +124,19 @@ def test_a_payment_is_found_by_its_order_id(
     assert missing.status_code == 404 and "shop-43" in missing.get_json()["error"]
 
 
+def test_an_order_id_with_slashes_names_its_payment(
+    client: FlaskClient, services: Services, api_headers: dict[str, str]
+) -> None:
+    # BitcoinPaygate's own example reference; a slash in it must not change the route.
+    payment = make_payment(services.db, provider="bitcoinpaygate", order_id="2015-03-10/123/1")
+    response = client.get("/api/payments/2015-03-10%2F123%2F1", headers=api_headers)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["id"] == payment.id
+    # An order id that ends like the reconcile path is still an order id when asked with GET.
+    odd = client.get("/api/payments/a%2Freconcile", headers=api_headers)
+    assert odd.status_code == 404 and odd.is_json
+
+
 def test_an_order_id_used_at_two_providers_is_an_error_naming_both(
     client: FlaskClient, services: Services, api_headers: dict[str, str]
 ) -> None:
