@@ -15,6 +15,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from ipn import rate_limit
+from ipn.config import PROVIDERS
 from ipn.db import Database
 from models import (
     TERMINAL,
@@ -130,6 +131,16 @@ DISPATCH_FAILED = Counter(
     ["what"],
     registry=None,
 )
+
+# Every provider's series exist from the start at 0, so that `increase()` sees the first dead
+# row or failed query instead of a series that begins at 1.
+OUTCOMES = ("ok", "4xx", "5xx", "timeout", "unreachable", "garbage")
+for _provider in PROVIDERS:
+    for _status in NotificationStatus:
+        if _status.is_settled:
+            SETTLED.labels(_provider, _status.value)
+    for _outcome in OUTCOMES:
+        PROVIDER_REQUESTS.labels(_provider, "status", _outcome)
 
 _PENDING = "ipn.metrics.settled"
 _REJECT_CLASSES = ("forged", "malformed")
