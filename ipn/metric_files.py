@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -22,7 +23,14 @@ def configure() -> Path:
     package's `__init__`, in every web, worker and scheduler process."""
     if not os.environ.get(VARIABLE):
         data_dir = Path(os.environ.get("IPN_DATA_DIR") or ".")
-        os.environ[VARIABLE] = str((data_dir / DEFAULT_NAME).resolve())
+        directory = (data_dir / DEFAULT_NAME).resolve()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            # `ipn --version` in a directory it may not write to must still answer; the
+            # processes this one starts inherit the fallback and still share it.
+            directory = Path(tempfile.gettempdir()) / f"ipn-{DEFAULT_NAME}-{os.getuid()}"
+        os.environ[VARIABLE] = str(directory)
     directory = Path(os.environ[VARIABLE])
     directory.mkdir(parents=True, exist_ok=True)
     return directory

@@ -7,6 +7,7 @@ import http.client
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -473,4 +474,24 @@ def test_the_default_directory_is_under_the_data_dir(tmp_path: Path) -> None:
         text=True,
     ).stdout.strip()
     assert out == str((tmp_path / "prometheus-multiproc").resolve())
+    assert Path(out).is_dir()
+
+
+def test_a_data_dir_that_cannot_be_created_falls_back_to_a_temporary_directory(
+    tmp_path: Path,
+) -> None:
+    # A file where the directory should be: no mkdir succeeds there, even as root.
+    occupied = tmp_path / "occupied"
+    occupied.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["IPN_DATA_DIR"] = str(occupied)
+    out = subprocess.run(
+        [sys.executable, "-c", "import ipn, os; print(os.environ['PROMETHEUS_MULTIPROC_DIR'])"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert Path(out).parent == Path(tempfile.gettempdir())
     assert Path(out).is_dir()
