@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ipn import metric_files
+
+# Before anything imports prometheus-client, which reads the directory's variable only then.
+metric_files.configure()
+
 if TYPE_CHECKING:
     from flask import Flask
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ipn.inbox import store_callback
-from ipn.metrics import CALLBACKS_RECEIVED, CALLBACKS_UNSTORED
+from ipn.metrics import CALLBACK_DURATION, CALLBACKS, CALLBACKS_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,17 @@ ENDPOINTS = {
 
 
 def receive(provider: str, kind: str) -> Response:
+    started = time.perf_counter()
+    try:
+        return _receive(provider, kind)
+    except RequestEntityTooLarge:
+        CALLBACKS_REFUSED.labels(provider, "413").inc()
+        raise
+    finally:
+        CALLBACK_DURATION.labels(provider).observe(time.perf_counter() - started)
+
+
+def _receive(provider: str, kind: str) -> Response:
     services = current_app.extensions["ipn"]
     body = request.get_data(cache=False)
     # The app's MAX_CONTENT_LENGTH is one byte over the cap: a declared length over it is
@@ -42,16 +54,17 @@ def receive(provider: str, kind: str) -> Response:
             services.db, provider, kind, body, dict(request.headers), request.remote_addr
         )
     except SQLAlchemyError as exc:
-        CALLBACKS_UNSTORED.labels(provider).inc()
+        CALLBACKS_REFUSED.labels(provider, "503").inc()
         log.error("%s %s callback not stored: %s", provider, kind, type(exc).__name__)
         # Not 200: the provider must send it again.
         return Response("unavailable\n", status=503, mimetype="text/plain")
-    CALLBACKS_RECEIVED.labels(provider, kind).inc()
+    CALLBACKS.labels(provider, kind).inc()
     current_app.extensions["ipn.dispatcher"].submit(notification_id)
     return Response("success", status=200, mimetype="text/plain")
 
 
 def _incomplete(provider: str, kind: str) -> Response:
+    CALLBACKS_REFUSED.labels(provider, "400").inc()
     log.warning("%s %s callback cut short by the client; not stored", provider, kind)
     return Response("incomplete body\n", status=400, mimetype="text/plain")
 

@@ -14,6 +14,8 @@ from functools import partial
 
 from celery import Celery
 
+from ipn.metrics import DISPATCH_DROPPED, DISPATCH_FAILED, DISPATCH_QUEUE
+
 log = logging.getLogger(__name__)
 
 # The worker's task for one stored notification (workers.tasks.process_notification).
@@ -64,8 +66,10 @@ class Dispatcher:
         self._ensure_thread()
         try:
             self._queue.put_nowait(notification_id)
+            DISPATCH_QUEUE.labels(self._what).inc()
         except queue.Full:
             self.dropped += 1
+            DISPATCH_DROPPED.labels(self._what).inc()
             log.warning(
                 "dispatch queue full; %s %s left for the sweeper", self._what, notification_id
             )
@@ -98,6 +102,7 @@ class Dispatcher:
                 self.sent += 1
             except Exception as exc:
                 self.failed += 1
+                DISPATCH_FAILED.labels(self._what).inc()
                 log.warning(
                     "could not enqueue %s %s (%s); the sweeper will pick it up",
                     self._what,
@@ -105,4 +110,5 @@ class Dispatcher:
                     type(exc).__name__,
                 )
             finally:
+                DISPATCH_QUEUE.labels(self._what).dec()
                 q.task_done()

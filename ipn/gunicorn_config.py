@@ -10,7 +10,9 @@ loading it.
 """
 
 import os
+from typing import Any
 
+from ipn import metric_files
 from ipn.config import settings_or_exit, warn_if_lax
 
 worker_class = "gevent"
@@ -26,3 +28,15 @@ keepalive = 5
 # Bad settings are refused in one line while gunicorn reads this file, before it logs its start
 # or boots a worker that would fail with a traceback (ipn.config imports nothing heavy).
 warn_if_lax(settings_or_exit())
+
+
+def on_starting(server: Any) -> None:
+    """Metric files of processes gone since the last start would be summed into the scrape."""
+    metric_files.clear_departed()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker that exits takes its live gauges (queue depth) with it; its counters stay."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

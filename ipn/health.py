@@ -40,6 +40,8 @@ def readyz() -> tuple[Response, int]:
 @bp.get("/metrics")
 def prometheus() -> Response:
     # content_type, not mimetype: CONTENT_TYPE_LATEST carries its charset already.
+    services = current_app.extensions["ipn"]
     return Response(
-        metrics.render(current_app.extensions["ipn"].db), content_type=CONTENT_TYPE_LATEST
+        metrics.render(services.db, services.settings.poll_limits),
+        content_type=CONTENT_TYPE_LATEST,
     )

@@ -10,6 +10,7 @@ from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from ipn.db import Database
+from ipn.metrics import observe_settled
 from models import Notification, NotificationKind, NotificationStatus, utcnow
 
 ERROR_LIMIT = 4000
@@ -84,6 +85,11 @@ def settle(
         .where(Notification.id == notification_id)
         .where(Notification.status == NotificationStatus.RECEIVED)
         .values(**values)
+        .returning(Notification.provider, Notification.received_at)
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    settled = result.one_or_none()
+    if settled is None:
+        return False
+    observe_settled(session, settled.provider, status, settled.received_at, outcome)
+    return True

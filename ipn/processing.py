@@ -35,6 +35,7 @@ from ipn.errors import (
 )
 from ipn.events import outbox
 from ipn.inbox import TRACEBACK_LIMIT, settle, storable
+from ipn.metrics import RETRIES
 from ipn.polling import Schedule
 from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
 from ipn.providers.bitcoinpaygate import anomaly_key
@@ -115,6 +116,7 @@ def run(services: Services, notification_id: int, retries_so_far: int) -> tuple[
             return f"failed after {retries_so_far + 1} attempts: {failure.error}", None
         countdown = backoff(retries_so_far, settings.task_retry_backoff_max)
         postpone(services, notification_id, failure, countdown)
+        RETRIES.inc()
         log.warning(
             "notification %s: %s; retrying in %ss", notification_id, failure.error, countdown
         )

@@ -18,6 +18,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from ipn import rate_limit
 from ipn.errors import ConcurrentUpdate, ProviderError
+from ipn.metrics import RECONCILE_CHECKS, RECONCILE_PASS_DURATION, RECONCILE_PASS_PAYMENTS
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from ipn.services import Services
@@ -55,6 +56,8 @@ class PassReport:
     expired: int = 0
     skipped: int = 0
     failed: int = 0
+    # Of the skipped, those whose provider's call budget was spent.
+    skipped_budget: int = 0
     failures: list[Check] = field(default_factory=list)
 
     def add(self, check: Check) -> None:
@@ -126,10 +129,15 @@ def reconcile_due(
                     break
                 if claimed.provider in spent:
                     report.skipped += 1
+                    report.skipped_budget += 1
+                    RECONCILE_CHECKS.labels(claimed.provider, "budget").inc()
                     continue
                 check = check_payment(services, claimed.payment_id, lease=claimed.lease)
                 if check.outcome == "budget":
                     spent.add(claimed.provider)
+                    report.skipped_budget += 1
+                if check.outcome != "deferred":
+                    RECONCILE_CHECKS.labels(claimed.provider, check.outcome).inc()
                 report.add(check)
                 if on_check:
                     on_check(check)
@@ -138,7 +146,20 @@ def reconcile_due(
             _release(services, [claimed.payment_id for claimed in batch], batch[0].lease)
     if report.checked or report.skipped:
         log.info("reconciliation pass: %s", report)
+    observe_pass(report, time.monotonic() - started)
     return report
+
+
+def observe_pass(report: PassReport, seconds: float) -> None:
+    RECONCILE_PASS_DURATION.observe(seconds)
+    for result, count in (
+        ("checked", report.checked),
+        ("changed", report.changed),
+        ("failed", report.failed),
+        ("skipped", report.skipped),
+        ("skipped_budget", report.skipped_budget),
+    ):
+        RECONCILE_PASS_PAYMENTS.labels(result).inc(count)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import and_, or_, select
 
+from ipn.metrics import observe_settled
 from ipn.services import Services
 from models import Notification, NotificationStatus, utcnow
 
@@ -73,6 +74,7 @@ def sweep_inbox(
                     row.processed_at = now
                     row.outcome = f"dead after {row.attempts} attempts"
                     row.last_error = row.last_error or "no attempt finished"
+                    observe_settled(session, row.provider, row.status, row.received_at)
                     report.dead.append(row.id)
                 else:
                     row.next_attempt_at = now + settings.sweep_after

@@ -11,12 +11,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# Each test run counts into a directory of its own (ipn.metric_files picks one otherwise).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="ipn-test-metrics-"))
 
 import psycopg
 import pytest

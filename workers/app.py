@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from flask import Flask
+from prometheus_client import multiprocess
 
 from ipn.config import Settings
 
@@ -73,3 +75,9 @@ def _fresh_connections(**_: Any) -> None:
     """A forked pool process must not share the parent's database connections."""
     for flask_app in list(_BUILT):
         flask_app.extensions["ipn"].db.dispose()
+
+
+@worker_process_shutdown.connect
+def _metrics_gone(pid: int | None = None, **_: Any) -> None:
+    """A pool process that exits takes its live gauges with it; its counters stay."""
+    multiprocess.mark_process_dead(pid or os.getpid())

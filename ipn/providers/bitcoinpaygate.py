@@ -173,7 +173,7 @@ class BitcoinPaygate(Provider):
         }
         if request.anomaly_url:
             payload["anomalyNotificationUrl"] = request.anomaly_url
-        answer = self._call("POST", "v2/payments/new", attempts=1, json=payload)
+        answer = self._call("POST", "v2/payments/new", attempts=1, operation="create", json=payload)
         if not isinstance(answer, dict) or not _text(answer.get("paymentId")):
             raise ProviderUnavailable("bitcoinpaygate: the create answer has no paymentId")
         try:

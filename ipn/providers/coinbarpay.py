@@ -298,7 +298,7 @@ class CoinbarPay(Provider):
             "source": "web",
         }
         url = self.settings.api_url + CREATE_PATH
-        answer = self._call("POST", url, headers=headers, data=body, attempts=1)
+        answer = self._call("POST", url, headers=headers, data=body, attempts=1, operation="create")
         self._check_result(answer, required=True)
         try:
             provider_payment_id = _text(answer.get("payment_id_coinbar"), "payment_id_coinbar")

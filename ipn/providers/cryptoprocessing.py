@@ -125,6 +125,7 @@ class CryptoProcessing(Provider):
             self.settings.api_url + CREATE_PATH,
             http=self.http,
             provider=self.name,
+            operation="create",
             attempts=1,
             headers=headers,
             data=body,

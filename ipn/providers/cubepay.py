@@ -144,7 +144,12 @@ class CubePay(Provider):
             "ipn_url": request.notification_url or "",
         }
         # An empty optional field is left out rather than signed empty.
-        answer = self._post("payment/coin", {k: v for k, v in fields.items() if v}, attempts=1)
+        answer = self._post(
+            "payment/coin",
+            {k: v for k, v in fields.items() if v},
+            attempts=1,
+            operation="create",
+        )
         data = _unwrap(answer, "payment/coin", creating=True)
         if isinstance(data, list) and data:
             data = data[-1]
@@ -169,7 +174,14 @@ class CubePay(Provider):
             )
         return number
 
-    def _post(self, path: str, fields: Mapping[str, str], *, attempts: int | None) -> Any:
+    def _post(
+        self,
+        path: str,
+        fields: Mapping[str, str],
+        *,
+        attempts: int | None,
+        operation: str = "status",
+    ) -> Any:
         client_id, secret = self.settings.client_id, self.settings.client_secret
         if not client_id or not secret:
             raise ProviderRejected("cubepay: the client id and client secret are not configured")
@@ -181,6 +193,7 @@ class CubePay(Provider):
             f"{self.settings.api_url.rstrip('/')}/{path}",
             http=self.http,
             provider=self.name,
+            operation=operation,
             attempts=attempts,
             data=form,
         )

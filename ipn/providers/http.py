@@ -20,6 +20,7 @@ from tenacity import (
 
 from ipn.config import HTTPSettings
 from ipn.errors import PaymentNotFound, ProviderRejected, ProviderUnavailable
+from ipn.metrics import PROVIDER_REQUEST_DURATION, PROVIDER_REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def call_json(
     *,
     http: HTTPSettings,
     provider: str,
+    operation: str = "status",
     attempts: int | None = None,
     **kwargs: Any,
 ) -> Any:
@@ -43,6 +45,7 @@ def call_json(
     Raises ProviderUnavailable for timeouts, connection errors, 429, 5xx and answers that are
     not JSON (after the last retry); PaymentNotFound for 404; ProviderRejected for other 4xx.
     `attempts=1` for calls that must not be repeated blindly, such as creating a payment.
+    Each request is counted by `operation` (`status`, `create`) and outcome in ipn.metrics.
     The whole call, retries and waits included, ends within `http.total_timeout` seconds plus
     at most one socket timeout.
     """
@@ -59,37 +62,66 @@ def call_json(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ProviderUnavailable(f"{where} gave no answer within {http.total_timeout:g} s")
+        started = time.perf_counter()
+        outcome = "unreachable"
         try:
-            response = session.request(
-                method,
-                url,
-                timeout=(min(http.connect_timeout, remaining), min(http.read_timeout, remaining)),
-                stream=True,
-                **kwargs,
-            )
             try:
-                read_body(response, deadline, http.read_timeout)
-            finally:
-                response.close()
-        except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
-            raise ProviderUnavailable(f"{where} timed out") from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ProviderUnavailable(f"{where} failed: {type(exc).__name__}") from None
-        except Overdue:
-            raise ProviderUnavailable(
-                f"{where} gave no answer within {http.total_timeout:g} s"
-            ) from None
-        log.info(
-            "%s %s %s -> %s in %.0f ms",
-            provider,
-            method,
-            _path(url),
-            response.status_code,
-            response.elapsed.total_seconds() * 1000,
-        )
-        return read_answer(response, provider)
+                response = session.request(
+                    method,
+                    url,
+                    timeout=(
+                        min(http.connect_timeout, remaining),
+                        min(http.read_timeout, remaining),
+                    ),
+                    stream=True,
+                    **kwargs,
+                )
+                try:
+                    read_body(response, deadline, http.read_timeout)
+                finally:
+                    response.close()
+            except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
+                outcome = "timeout"
+                raise ProviderUnavailable(f"{where} timed out") from None
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise ProviderUnavailable(f"{where} failed: {type(exc).__name__}") from None
+            except Overdue:
+                outcome = "timeout"
+                raise ProviderUnavailable(
+                    f"{where} gave no answer within {http.total_timeout:g} s"
+                ) from None
+            log.info(
+                "%s %s %s -> %s in %.0f ms",
+                provider,
+                method,
+                _path(url),
+                response.status_code,
+                response.elapsed.total_seconds() * 1000,
+            )
+            outcome = status_class(response.status_code)
+            try:
+                return read_answer(response, provider)
+            except ProviderUnavailable:
+                # A success status whose body cannot be read as JSON.
+                if outcome == "ok":
+                    outcome = "garbage"
+                raise
+        finally:
+            PROVIDER_REQUESTS.labels(provider, operation, outcome).inc()
+            PROVIDER_REQUEST_DURATION.labels(provider, operation).observe(
+                time.perf_counter() - started
+            )
 
     return attempt()
+
+
+def status_class(status: int) -> str:
+    """The outcome label of an answer with this HTTP status."""
+    if status >= 500:
+        return "5xx"
+    if status >= 400:
+        return "4xx"
+    return "ok"
 
 
 class Overdue(Exception):
