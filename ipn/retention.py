@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Text, and_, cast, func, or_, select, update
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from ipn.config import Settings
 from ipn.services import Services
@@ -149,8 +149,10 @@ def _next_batch(
 
 def needed_by_payment(payment_id: Any) -> ColumnElement[bool]:
     """True where the payment is still open, has an open anomaly or an undelivered event."""
+    # An alias: asked of the payments table itself, the subquery must not correlate to it.
+    other = aliased(Payment)
     return or_(
-        select(Payment.id).where(Payment.id == payment_id, Payment.status.in_(OPEN)).exists(),
+        select(other.id).where(other.id == payment_id, other.status.in_(OPEN)).exists(),
         select(Anomaly.id)
         .where(Anomaly.payment_id == payment_id, Anomaly.status == AnomalyStatus.OPEN)
         .exists(),
