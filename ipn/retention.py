@@ -100,10 +100,13 @@ def prune(
         last: Any = None
         while True:
             with services.db.transaction() as session:
-                found = _next_batch(session, step, last, batch, lock=not dry_run)
-                if not found:
+                end = _window(session, step, last, batch)
+                if end is None:
                     break
-                last = found[-1][0]
+                found = _next_batch(session, step, last, end, lock=not dry_run)
+                last = end
+                if not found:
+                    continue
                 if dry_run:
                     removed.add(len(found), sum(n for _, n in found))
                 else:
@@ -133,13 +136,29 @@ class _Step:
     values: dict[str, Any]
 
 
+def _window(session: Session, step: _Step, last: Any, batch: int) -> Any:
+    """The key that ends the next `batch` rows of the table after `last` (None: no rows left).
+
+    Each batch looks at this window of the primary key only, so its cost is bounded by the
+    batch size whatever the planner thinks of the filters (on a freshly loaded table it thinks
+    they match one row, and would sort every due row of the table for each batch).
+    """
+    rest = [] if last is None else [step.key > last]
+    end = session.scalar(
+        select(step.key).where(*rest).order_by(step.key).offset(batch - 1).limit(1)
+    )
+    if end is None:
+        end = session.scalar(select(func.max(step.key)).where(*rest))
+    return end
+
+
 def _next_batch(
-    session: Session, step: _Step, last: Any, batch: int, *, lock: bool
+    session: Session, step: _Step, last: Any, end: Any, *, lock: bool
 ) -> list[tuple[Any, int]]:
-    query = select(step.key, func.coalesce(step.size, 0)).where(step.due)
+    query = select(step.key, func.coalesce(step.size, 0)).where(step.due, step.key <= end)
     if last is not None:
         query = query.where(step.key > last)
-    query = query.order_by(step.key).limit(batch)
+    query = query.order_by(step.key)
     if lock:
         # PostgreSQL only (SQLite ignores it): rows a worker holds now are skipped, not
         # waited for; the next pass takes them.

@@ -1,4 +1,5 @@
-"""retention: when a notification's bytes were pruned and a payment's customer data redacted
+"""retention: when a notification's bytes were pruned and a payment's customer data redacted;
+an index on the anomalies' notification
 
 Revision ID: 0007_retention
 Revises: 0006_operators
@@ -28,9 +29,13 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column('redacted_at', models.base.UTCDateTime(timezone=True), nullable=True)
         )
+    op.create_index(
+        op.f('ix_anomalies_notification_id'), 'anomalies', ['notification_id'], unique=False
+    )
 
 
 def downgrade() -> None:
+    op.drop_index(op.f('ix_anomalies_notification_id'), table_name='anomalies')
     with op.batch_alter_table('payments') as batch:
         batch.drop_column('redacted_at')
     with op.batch_alter_table('notifications') as batch:
