@@ -228,6 +228,7 @@ def notifications_show(notification_id: int, as_json: bool) -> None:
         if row is None:
             raise click.ClickException(f"no notification {notification_id}")
         detail = serialize.notification_detail(session, row)
+        pruned_at = row.pruned_at
     if as_json:
         click.echo(serialize.dumps(detail))
         return
@@ -249,7 +250,10 @@ def notifications_show(notification_id: int, as_json: bool) -> None:
     click.echo("      headers:")
     for name, value in detail["headers"].items():
         click.echo(f"               {name}: {value}")
-    click.echo(f"         body: ({detail['body_encoding']}) {detail['body']}")
+    if pruned_at is not None:
+        click.echo(f"         body: pruned on {serialize.when(pruned_at)} (retention)")
+    else:
+        click.echo(f"         body: ({detail['body_encoding']}) {detail['body']}")
     if detail["traceback"]:
         click.echo("    traceback:")
         for line in detail["traceback"].rstrip("\n").splitlines():

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from console.support import csrf_token, sign_in
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Text, cast, func, select
@@ -383,6 +384,18 @@ def test_a_pruned_notification_cannot_be_replayed(
     refused = ipn(app, "replay", str(notification_id))
     assert refused.exit_code == 1
     assert f"notification {notification_id} was pruned" in refused.output
+
+    shown = ipn(app, "notifications", "show", str(notification_id))
+    assert shown.exit_code == 0, shown.output
+    assert "body: pruned on " in shown.output
+
+    sign_in(client)
+    token = csrf_token(client, "/console/notifications")
+    console = client.post(
+        f"/console/notifications/{notification_id}/replay", data={"csrf_token": token}
+    )
+    assert console.status_code == 409
+    assert "body is gone" in console.get_data(as_text=True)
 
     # A bulk replay leaves it out instead of failing on it.
     bulk = ipn(app, "replay", "--status", "processed", "--dry-run")
