@@ -4,7 +4,6 @@ an open payment, an open anomaly or an undelivered merchant event still needs.""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -70,12 +69,12 @@ class PruneReport:
 
 
 def size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024 or unit == "MiB":
-            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    """Bytes as people read them: `512 B`, `3.4 KiB`, `76.1 MiB`."""
+    if count < 1024:
+        return f"{count} B"
+    if count < 1024 * 1024:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / 1024 / 1024:.1f} MiB"
 
 
 def prune(
@@ -84,7 +83,6 @@ def prune(
     now: datetime | None = None,
     dry_run: bool = False,
     batch: int = BATCH,
-    on_batch: Callable[[PruneReport], None] | None = None,
 ) -> PruneReport:
     """One retention pass over the inbox, the payments and the delivery attempts. A dry run
     counts the same rows and bytes and changes nothing."""
@@ -119,8 +117,6 @@ def prune(
                         .execution_options(synchronize_session=False)
                     ).all()
                     removed.add(len(done), sum(sizes[key] for key in done))
-            if on_batch is not None:
-                on_batch(report)
     return report
 
 
