@@ -162,6 +162,8 @@ def replay_one(notification_ref: str) -> tuple[Response, int]:
     services = _services()
     if not replays.existing(services, [notification_id]):
         raise BadRequest(f"no notification {notification_id}", 404)
+    if gone := replays.pruned(services, [notification_id]):
+        raise BadRequest(replays.pruned_message(gone), 409)
     replays.replay(services, [notification_id], mode, _send, requested_by="api")
     return jsonify(count=1, ids=[notification_id], mode=mode.value), 202
 

@@ -95,6 +95,7 @@ def register(app: Flask) -> None:
         replay,
         sweep,
         reconcile,
+        prune,
         run,
         sandbox,
     ):
@@ -227,6 +228,7 @@ def notifications_show(notification_id: int, as_json: bool) -> None:
         if row is None:
             raise click.ClickException(f"no notification {notification_id}")
         detail = serialize.notification_detail(session, row)
+        pruned_at = row.pruned_at
     if as_json:
         click.echo(serialize.dumps(detail))
         return
@@ -248,7 +250,10 @@ def notifications_show(notification_id: int, as_json: bool) -> None:
     click.echo("      headers:")
     for name, value in detail["headers"].items():
         click.echo(f"               {name}: {value}")
-    click.echo(f"         body: ({detail['body_encoding']}) {detail['body']}")
+    if pruned_at is not None:
+        click.echo(f"         body: pruned on {serialize.when(pruned_at)} (retention)")
+    else:
+        click.echo(f"         body: ({detail['body_encoding']}) {detail['body']}")
     if detail["traceback"]:
         click.echo("    traceback:")
         for line in detail["traceback"].rstrip("\n").splitlines():
@@ -453,6 +458,8 @@ def replay(
         missing = sorted(set(ids) - replays.existing(services(), ids))
         if missing:
             raise click.ClickException(f"no notification {', '.join(map(str, missing))}")
+        if gone := replays.pruned(services(), ids):
+            raise click.ClickException(replays.pruned_message(gone))
         chosen = list(dict.fromkeys(ids))
     else:
         chosen = list(replays.matching_ids(services(), which))
@@ -522,6 +529,57 @@ def reconcile(provider: str | None, payment_ref: str | None) -> None:
             f"the reconciliation pass could not run: {passes.describe_error(exc)}"
         ) from None
     click.echo(f"reconciliation: {totals}")
+
+
+@click.command("prune")
+@with_appcontext
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 10000),
+    default=1000,
+    show_default=True,
+    help="Rows per transaction.",
+)
+@json_option
+def prune(dry_run: bool, batch: int, as_json: bool) -> None:
+    """Remove what retention allows: bodies and headers of notifications settled more than
+    IPN_RETENTION_DAYS ago (rejected, failed, dead: IPN_RETENTION_FAILED_DAYS), descriptions of
+    payments final that long, old shop answers. Rows stay; nothing an open payment, an open
+    anomaly or an undelivered event needs is touched."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ipn import retention
+    from ipn.reconcile import describe_error
+
+    settings = services().settings
+    try:
+        report = retention.prune(services(), dry_run=dry_run, batch=batch)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"the prune could not run: {describe_error(exc)}") from None
+    if as_json:
+        click.echo(
+            serialize.dumps(
+                {
+                    "dry_run": dry_run,
+                    "retention_days": settings.retention_days,
+                    "retention_failed_days": settings.retention_failed_days,
+                    **{
+                        part: {"rows": removed.rows, "bytes": removed.bytes}
+                        for part, removed in (
+                            ("notifications", report.notifications),
+                            ("payments", report.payments),
+                            ("answers", report.answers),
+                        )
+                    },
+                }
+            )
+        )
+        return
+    click.echo(
+        f"retention {settings.retention_days} days"
+        f" ({settings.retention_failed_days} for rejected, failed and dead): {report}"
+    )
 
 
 @click.group("sandbox", invoke_without_command=True)

@@ -200,6 +200,11 @@ class Settings:
     # anomalies (IPN_LATE_PAYMENT_WATCH_HOURS).
     late_payment_watch: timedelta = timedelta(hours=24)
     reconcile_batch: int = 200
+    # Retention (`ipn prune`): the bytes of settled notifications and the customer data of
+    # final payments are removed after this many days; rejected, failed and dead rows (the
+    # evidence of something that went wrong) are kept for the longer of the two.
+    retention_days: int = 90
+    retention_failed_days: int = 365
     http: HTTPSettings = HTTPSettings()
     events: EventSettings = EventSettings()
     cubepay: CubePaySettings = CubePaySettings()
@@ -270,6 +275,10 @@ class Settings:
             poll_limits=reader.poll_limits("IPN_POLL_LIMITS", DEFAULT_POLL_LIMITS),
             late_payment_watch=timedelta(hours=reader.integer("IPN_LATE_PAYMENT_WATCH_HOURS", 24)),
             reconcile_batch=reader.integer("IPN_RECONCILE_BATCH", 200, minimum=1, maximum=5000),
+            retention_days=reader.integer("IPN_RETENTION_DAYS", 90, minimum=1, maximum=36500),
+            retention_failed_days=reader.integer(
+                "IPN_RETENTION_FAILED_DAYS", 365, minimum=1, maximum=36500
+            ),
             http=HTTPSettings(
                 connect_timeout=reader.number("IPN_HTTP_CONNECT_TIMEOUT", 3.05),
                 read_timeout=reader.number("IPN_HTTP_READ_TIMEOUT", 10.0),
@@ -354,6 +363,11 @@ class Settings:
             )
         if self.secret_key and len(self.secret_key) < 16:
             raise ConfigurationError("IPN_SECRET_KEY must be at least 16 characters")
+        if self.retention_failed_days < self.retention_days:
+            raise ConfigurationError(
+                "IPN_RETENTION_FAILED_DAYS must be at least IPN_RETENTION_DAYS"
+                f" ({self.retention_days}), not {self.retention_failed_days}"
+            )
         if self.task_retry_backoff_max >= self.visibility_timeout:
             raise ConfigurationError(
                 "IPN_TASK_RETRY_BACKOFF_MAX must be shorter than IPN_VISIBILITY_TIMEOUT"

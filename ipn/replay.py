@@ -44,14 +44,15 @@ class ReplayFilter:
 
 
 def matching_ids(services: Services, which: ReplayFilter) -> Iterator[int]:
-    """Ids of the matching rows in id order, a page at a time (keyset), never all at once."""
+    """Ids of the matching rows in id order, a page at a time (keyset), never all at once.
+    Pruned rows are left out: their bodies are gone, there is nothing to replay."""
     last = 0
     while True:
         with services.db.sessions() as session:
             page: list[int] = list(
                 session.scalars(
                     which.apply(select(Notification.id))
-                    .where(Notification.id > last)
+                    .where(Notification.id > last, Notification.pruned_at.is_(None))
                     .order_by(Notification.id)
                     .limit(PAGE)
                 )
@@ -71,13 +72,14 @@ def replay(
     requested_by: str = "operator",
 ) -> list[int]:
     """Put each row back to `received` with a record of the replay, then enqueue it. Ids that
-    do not exist are skipped (the caller checks them first when it must say so)."""
+    do not exist, and pruned rows, are skipped (the caller checks them first when it must say
+    so: see `pruned`)."""
     done: list[int] = []
     now = utcnow()
     for notification_id in ids:
         with services.db.transaction() as session:
             row = session.get(Notification, notification_id, with_for_update=True)
-            if row is None:
+            if row is None or row.pruned_at is not None:
                 continue
             session.add(
                 NotificationReplay(
@@ -121,3 +123,24 @@ def replay(
 def existing(services: Services, ids: Sequence[int]) -> set[int]:
     with services.db.sessions() as session:
         return set(session.scalars(select(Notification.id).where(Notification.id.in_(ids))))
+
+
+def pruned(services: Services, ids: Sequence[int]) -> dict[int, datetime]:
+    """The rows among `ids` whose body and headers retention removed, with when: a replay of
+    them could only fail, so callers refuse it and say why."""
+    with services.db.sessions() as session:
+        rows = session.execute(
+            select(Notification.id, Notification.pruned_at).where(
+                Notification.id.in_(ids), Notification.pruned_at.is_not(None)
+            )
+        )
+        return {notification_id: at for notification_id, at in rows if at is not None}
+
+
+def pruned_message(found: dict[int, datetime]) -> str:
+    ids = sorted(found)
+    if len(ids) == 1:
+        which = f"notification {ids[0]} was pruned on {found[ids[0]].date().isoformat()}"
+    else:
+        which = f"notifications {', '.join(map(str, ids))} were pruned"
+    return f"{which} (retention): its body is gone, there is nothing to replay"

@@ -32,7 +32,8 @@ class Anomaly(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     payment_id: Mapped[str | None] = mapped_column(ForeignKey("payments.id"), index=True)
-    notification_id: Mapped[int | None] = mapped_column(ForeignKey("notifications.id"))
+    # Indexed: retention asks of every old notification whether an open anomaly still needs it.
+    notification_id: Mapped[int | None] = mapped_column(ForeignKey("notifications.id"), index=True)
     kind: Mapped[AnomalyKind] = mapped_column(enum_column(AnomalyKind, length=32))
     # One anomaly per fact however often the fact is reported: duplicates hit this unique key.
     dedupe_key: Mapped[str] = mapped_column(String(255), unique=True)

@@ -69,6 +69,9 @@ class Notification(Base):
     # Set by an operator replay until the replay has run, so its effect is told as a replay.
     replay_mode: Mapped[ReplayMode | None] = mapped_column(enum_column(ReplayMode))
     payment_id: Mapped[str | None] = mapped_column(ForeignKey("payments.id"), index=True)
+    # When retention emptied the body and headers: the row and its verdict stay, the bytes
+    # are gone, so it can no longer be replayed.
+    pruned_at: Mapped[datetime | None]
 
 
 class NotificationReplay(Base):

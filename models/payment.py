@@ -108,6 +108,8 @@ class Payment(Base):
     version: Mapped[int] = mapped_column(default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When retention removed what the shop said of its customer (the description).
+    redacted_at: Mapped[datetime | None]
 
     __mapper_args__ = {"version_id_col": version}
 

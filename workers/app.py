@@ -17,6 +17,8 @@ from ipn.config import Settings
 SWEEP_EVERY = timedelta(minutes=1)
 RECONCILE_EVERY = timedelta(minutes=1)
 DELIVER_DUE_EVERY = timedelta(seconds=10)
+# Retention counts in days: once a day is enough, and a second beat running it changes nothing.
+PRUNE_EVERY = timedelta(days=1)
 
 # The Flask apps this process built a Celery app for (a worker builds one), so that a forked
 # pool process can reach their engines without importing the entry module that built them.
@@ -61,6 +63,7 @@ def make_celery(flask_app: Flask, settings: Settings) -> Celery:
             "sweep-inbox": {"task": "ipn.sweep_inbox", "schedule": SWEEP_EVERY},
             "reconcile-due": {"task": "ipn.reconcile_due", "schedule": RECONCILE_EVERY},
             "deliver-events": {"task": "ipn.deliver_due", "schedule": DELIVER_DUE_EVERY},
+            "prune": {"task": "ipn.prune", "schedule": PRUNE_EVERY},
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         include=["workers.tasks"],

@@ -196,6 +196,8 @@ def replay_one(notification_ref: str) -> BaseResponse:
     services = _services()
     if notification_id is None or not replays.existing(services, [notification_id]):
         abort(404, f"No notification {notification_ref}.")
+    if gone := replays.pruned(services, [notification_id]):
+        abort(409, replays.pruned_message(gone).capitalize() + ".")
     replays.replay(services, [notification_id], mode, _send, requested_by=_who().actor)
     flash(f"Notification {notification_id} replayed ({mode.value}): it is back in the queue.")
     return redirect(url_for("console.notification", notification_ref=notification_id), code=303)
