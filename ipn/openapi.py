@@ -532,7 +532,7 @@ PATHS: dict[str, Schema] = {
             "Process a stored callback again",
             "notifications",
             {"202": _answer(_ref("Replayed"), "Queued.")},
-            ("400", "404"),
+            ("400", "404", "409"),
             parameters=[NOTIFICATION_ID],
             body={
                 "type": "object",
