@@ -200,6 +200,16 @@ class Settings:
     # anomalies (IPN_LATE_PAYMENT_WATCH_HOURS).
     late_payment_watch: timedelta = timedelta(hours=24)
     reconcile_batch: int = 200
+    # `text` (the default, for a terminal) or `json`: one object a line for a log collector.
+    log_format: str = "text"
+    # A Slack-compatible incoming webhook for alerts; none sent without it.
+    alert_webhook_url: str | None = field(default=None, repr=False)
+    # A provider with open payments and no callback for this long is reported silent.
+    provider_silence: timedelta = timedelta(hours=6)
+    # More payments than this whose status query failed within ALERT_WINDOW raise an alert.
+    alert_check_failures: int = 5
+    # The same alert is not sent again within this period; what happens meanwhile is counted.
+    alert_quiet: timedelta = timedelta(minutes=15)
     http: HTTPSettings = HTTPSettings()
     events: EventSettings = EventSettings()
     cubepay: CubePaySettings = CubePaySettings()
@@ -270,6 +280,13 @@ class Settings:
             poll_limits=reader.poll_limits("IPN_POLL_LIMITS", DEFAULT_POLL_LIMITS),
             late_payment_watch=timedelta(hours=reader.integer("IPN_LATE_PAYMENT_WATCH_HOURS", 24)),
             reconcile_batch=reader.integer("IPN_RECONCILE_BATCH", 200, minimum=1, maximum=5000),
+            log_format=reader.choice("IPN_LOG_FORMAT", {"text": "text", "json": "json"}, "text"),
+            alert_webhook_url=reader.text("IPN_ALERT_WEBHOOK_URL"),
+            provider_silence=timedelta(
+                hours=reader.integer("IPN_PROVIDER_SILENCE_HOURS", 6, minimum=1)
+            ),
+            alert_check_failures=reader.integer("IPN_ALERT_CHECK_FAILURES", 5, minimum=0),
+            alert_quiet=timedelta(minutes=reader.integer("IPN_ALERT_QUIET_MINUTES", 15, minimum=1)),
             http=HTTPSettings(
                 connect_timeout=reader.number("IPN_HTTP_CONNECT_TIMEOUT", 3.05),
                 read_timeout=reader.number("IPN_HTTP_READ_TIMEOUT", 10.0),
@@ -347,6 +364,10 @@ class Settings:
                     "COINBARPAY_TOKEN_API_KEY must be 32 bytes and COINBARPAY_TOKEN_SECRET 16 bytes"
                 )
         self._check_events()
+        if self.alert_webhook_url and not self.alert_webhook_url.startswith(
+            ("https://", "http://")
+        ):
+            raise ConfigurationError("IPN_ALERT_WEBHOOK_URL must be an http(s) URL")
         if self.console and not self.secret_key and not self.local_default:
             raise ConfigurationError(
                 "IPN_SECRET_KEY must be set to sign the console's sessions"

@@ -69,6 +69,9 @@ class Notification(Base):
     # Set by an operator replay until the replay has run, so its effect is told as a replay.
     replay_mode: Mapped[ReplayMode | None] = mapped_column(enum_column(ReplayMode))
     payment_id: Mapped[str | None] = mapped_column(ForeignKey("payments.id"), index=True)
+    # The id of the request that brought it (the caller's sane X-Request-Id, else one of ours):
+    # the worker's log lines for the row carry it too.
+    request_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class NotificationReplay(Base):

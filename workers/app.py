@@ -7,10 +7,11 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 from flask import Flask
 
 from ipn.config import Settings
+from ipn.logs import configure_logging
 
 SWEEP_EVERY = timedelta(minutes=1)
 RECONCILE_EVERY = timedelta(minutes=1)
@@ -73,3 +74,11 @@ def _fresh_connections(**_: Any) -> None:
     """A forked pool process must not share the parent's database connections."""
     for flask_app in list(_BUILT):
         flask_app.extensions["ipn"].db.dispose()
+
+
+@setup_logging.connect
+def _logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Celery leaves logging to us when this signal has a receiver: the worker and beat log
+    like the web process (ipn.logs), at the level of their --loglevel."""
+    for flask_app in list(_BUILT):
+        configure_logging(flask_app.extensions["ipn"].settings, level=loglevel)
