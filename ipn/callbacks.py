@@ -9,6 +9,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ipn.inbox import store_callback
+from ipn.logs import bind, bound, request_id_from
 from ipn.metrics import CALLBACKS_RECEIVED, CALLBACKS_UNSTORED
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,14 @@ ENDPOINTS = {
 
 
 def receive(provider: str, kind: str) -> Response:
+    request_id = request_id_from(request.headers.get("X-Request-Id"))
+    with bound(request_id=request_id, provider=provider):
+        response = _receive(provider, kind, request_id)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _receive(provider: str, kind: str, request_id: str) -> Response:
     services = current_app.extensions["ipn"]
     body = request.get_data(cache=False)
     # The app's MAX_CONTENT_LENGTH is one byte over the cap: a declared length over it is
@@ -39,7 +48,13 @@ def receive(provider: str, kind: str) -> Response:
         return _incomplete(provider, kind)
     try:
         notification_id = store_callback(
-            services.db, provider, kind, body, dict(request.headers), request.remote_addr
+            services.db,
+            provider,
+            kind,
+            body,
+            dict(request.headers),
+            request.remote_addr,
+            request_id=request_id,
         )
     except SQLAlchemyError as exc:
         CALLBACKS_UNSTORED.labels(provider).inc()
@@ -47,6 +62,8 @@ def receive(provider: str, kind: str) -> Response:
         # Not 200: the provider must send it again.
         return Response("unavailable\n", status=503, mimetype="text/plain")
     CALLBACKS_RECEIVED.labels(provider, kind).inc()
+    bind(notification_id=notification_id)
+    log.info("%s %s callback stored as notification %s", provider, kind, notification_id)
     current_app.extensions["ipn.dispatcher"].submit(notification_id)
     return Response("success", status=200, mimetype="text/plain")
 
