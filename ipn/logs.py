@@ -4,6 +4,7 @@ carrying the context bound while they were logged, with secrets and email addres
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import re
 import sys
@@ -89,14 +90,19 @@ def _celery_task_id() -> str | None:
     return str(task_id) if task_id else None
 
 
-class RedactingFilter(logging.Filter):
+class Redacting(logging.Formatter):
     """The last line of defence: known secret values and email addresses never leave the
-    process in a log line, whatever the code above logged (message, arguments, traceback,
-    context fields)."""
+    process in a line this formatter writes, whatever the code above logged (message,
+    arguments, traceback, context fields). It redacts the finished line rather than the
+    record, which other handlers share: those see what the code really logged, so a test
+    can still catch the code that logged a secret."""
 
-    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+    def __init__(self, inner: logging.Formatter, secrets: Iterable[str | None] = ()) -> None:
         super().__init__()
+        self.inner = inner
         values = {value for value in secrets if value and len(value) >= MIN_SECRET_LENGTH}
+        # A JSON line holds a secret with its quotes and backslashes escaped.
+        values |= {json.dumps(value)[1:-1] for value in values}
         # Longest first: a secret containing another is replaced whole.
         self.secrets = sorted(values, key=len, reverse=True)
 
@@ -105,22 +111,8 @@ class RedactingFilter(logging.Filter):
             text = text.replace(secret, REDACTED)
         return EMAIL.sub("[email]", text)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.redact(record.getMessage())
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            # The redacted text stands for the exception: formatters format `exc_info` afresh.
-            record.exc_text = self.redact(record.exc_text)
-            record.exc_info = None
-        if record.stack_info:
-            record.stack_info = self.redact(record.stack_info)
-        for name in (*CONTEXT_FIELDS, "context"):
-            value = getattr(record, name, None)
-            if isinstance(value, str):
-                setattr(record, name, self.redact(value))
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(self.inner.format(record))
 
 
 def secret_values(settings: Any) -> list[str]:
@@ -159,13 +151,11 @@ _RESERVED = list(
 
 
 def decorate(handler: logging.Handler, log_format: str, secrets: Iterable[str]) -> None:
-    """Give a handler (ours, or one a server made itself) our format and filters."""
-    handler.setFormatter(formatter(log_format))
-    for old in [f for f in handler.filters if isinstance(f, ContextFilter | RedactingFilter)]:
+    """Give a handler (ours, or one a server made itself) our format, context and redaction."""
+    handler.setFormatter(Redacting(formatter(log_format), secrets))
+    for old in [f for f in handler.filters if isinstance(f, ContextFilter)]:
         handler.removeFilter(old)
-    # Context first, so that the redaction sees the fields too.
     handler.addFilter(ContextFilter())
-    handler.addFilter(RedactingFilter(secrets))
 
 
 def configure_logging(
