@@ -176,6 +176,8 @@ class Settings:
     # The operator console under /console (IPN_CONSOLE=0 turns it off).
     console: bool = True
     public_url: str = "http://localhost:8000"
+    # Whether IPN_PUBLIC_URL was given: only then do alerts link to the console.
+    public_url_set: bool = False
     max_body_bytes: int = 65536
     port: int = 8000
     data_dir: Path = Path(".")
@@ -263,6 +265,7 @@ class Settings:
             secret_key=reader.text("IPN_SECRET_KEY"),
             console=reader.flag("IPN_CONSOLE", default=True),
             public_url=(reader.text("IPN_PUBLIC_URL") or "http://localhost:8000").rstrip("/"),
+            public_url_set=reader.text("IPN_PUBLIC_URL") is not None,
             max_body_bytes=reader.integer("IPN_MAX_BODY_BYTES", 65536, minimum=1024),
             port=reader.integer("PORT", 8000, minimum=1, maximum=65535),
             data_dir=data_dir,

@@ -16,6 +16,7 @@ from ipn.logs import configure_logging
 SWEEP_EVERY = timedelta(minutes=1)
 RECONCILE_EVERY = timedelta(minutes=1)
 DELIVER_DUE_EVERY = timedelta(seconds=10)
+SEND_ALERTS_EVERY = timedelta(minutes=1)
 
 # The Flask apps this process built a Celery app for (a worker builds one), so that a forked
 # pool process can reach their engines without importing the entry module that built them.
@@ -60,6 +61,7 @@ def make_celery(flask_app: Flask, settings: Settings) -> Celery:
             "sweep-inbox": {"task": "ipn.sweep_inbox", "schedule": SWEEP_EVERY},
             "reconcile-due": {"task": "ipn.reconcile_due", "schedule": RECONCILE_EVERY},
             "deliver-events": {"task": "ipn.deliver_due", "schedule": DELIVER_DUE_EVERY},
+            "send-alerts": {"task": "ipn.send_alerts", "schedule": SEND_ALERTS_EVERY},
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         include=["workers.tasks"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 from flask import current_app
 
-from ipn import processing, reconcile, sweeper
+from ipn import alerts, processing, reconcile, sweeper
 from ipn.dispatch import DELIVER_TASK, PROCESS_TASK, enqueue, enqueue_delivery
 from ipn.events import delivery
 from ipn.services import Services
@@ -60,3 +60,8 @@ def deliver_event(delivery_id: int) -> str:
 @shared_task(name="ipn.deliver_due")
 def deliver_due() -> str:
     return f"{delivery.deliver_due(_services(), _send_delivery)} deliveries sent"
+
+
+@shared_task(name="ipn.send_alerts")
+def send_alerts() -> str:
+    return str(alerts.send_alerts(_services()))
