@@ -107,7 +107,8 @@ def run(services: Services, notification_id: int, retries_so_far: int) -> tuple[
 def _run(services: Services, notification_id: int, retries_so_far: int) -> tuple[str, int | None]:
     settings = services.settings
     try:
-        outcome = process_notification(services, notification_id)
+        # Not the public entry point: the context it binds must stay for the lines below.
+        outcome = _process_notification(services, notification_id)
     except Exception as exc:
         if not is_transient(exc):
             # Raised before the row was claimed (or while settling it): settle it here.
@@ -133,6 +134,13 @@ def process_notification(
     services: Services, notification_id: int, *, now: datetime | None = None
 ) -> Outcome:
     """Take one `received` row to its final status. Safe to run any number of times, at once."""
+    with bound(notification_id=notification_id):
+        return _process_notification(services, notification_id, now=now)
+
+
+def _process_notification(
+    services: Services, notification_id: int, *, now: datetime | None = None
+) -> Outcome:
     now = now or utcnow()
     claim = _claim(services, notification_id, now)
     if claim is None:
