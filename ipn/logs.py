@@ -12,12 +12,14 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from gunicorn import glogging
 from pythonjsonlogger.json import JsonFormatter
 
-LOG_FORMATS = ("text", "json")
+if TYPE_CHECKING:
+    from ipn.config import Settings
+
 # The context a line may carry, in the order the text format shows it.
 CONTEXT_FIELDS = ("request_id", "provider", "notification_id", "payment_id", "order_id", "task_id")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(context)s"
@@ -115,7 +117,7 @@ class Redacting(logging.Formatter):
         return self.redact(self.inner.format(record))
 
 
-def secret_values(settings: Any) -> list[str]:
+def secret_values(settings: Settings) -> list[str]:
     """Every secret the settings hold, for the redacting filter."""
     values = [
         settings.api_token,
@@ -159,7 +161,7 @@ def decorate(handler: logging.Handler, log_format: str, secrets: Iterable[str]) 
 
 
 def configure_logging(
-    settings: Any = None,
+    settings: Settings | None = None,
     *,
     level: int | str | None = None,
     stream: IO[str] | None = None,
