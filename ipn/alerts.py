@@ -205,9 +205,9 @@ def send_alerts(
     now = now or utcnow()
     settings = services.settings
     report = AlertReport()
-    evaluate(services, now)
     if not settings.alert_webhook_url:
         return report
+    evaluate(services, now)
     url = settings.alert_webhook_url
     send = post or post_to_webhook
     with services.db.sessions() as session:

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from flask import Flask
 from sqlalchemy import select, update
 
 from ipn import alerts, sweeper
@@ -227,3 +228,23 @@ def test_without_a_public_url_there_is_no_link(backend: Backend, settings: Setti
     text = alerts.text_of(backend.settings(), alerts.AlertKind.DEAD, "cubepay", 1)
     assert text.startswith("1 notification from cubepay went dead")
     assert "http" not in text
+
+
+def test_the_beat_sends_alerts_every_minute(app: Flask) -> None:
+    celery = app.extensions["celery"]
+    entry = celery.conf.beat_schedule["send-alerts"]
+    assert entry["task"] == "ipn.send_alerts"
+    assert entry["schedule"] == timedelta(minutes=1)
+    celery.loader.import_default_modules()  # what a worker does at start
+    assert "ipn.send_alerts" in celery.tasks
+
+
+def test_without_a_webhook_nothing_is_sent_or_evaluated(
+    backend: Backend, settings: Settings
+) -> None:
+    services = Services.from_settings(backend.settings())
+    make_payment(services.db, created_at=utcnow() - timedelta(days=1))
+    assert str(alerts.send_alerts(services)) == "0 alerts sent, 0 could not be sent"
+    with services.db.sessions() as session:
+        assert session.execute(select(Alert)).first() is None
+    services.db.engine.dispose()
