@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,7 +115,8 @@ def test_the_celery_task_id_is_on_the_lines_of_a_task(settings: Settings) -> Non
     app, stream = json_app(settings)
     celery = app.extensions["celery"]
 
-    @celery.task(name="ipn.test_logging_task", bind=True)
+    # A name of its own for each app: Celery keeps the first callable registered under a name.
+    @celery.task(name=f"ipn.test_logging_task.{uuid.uuid4().hex}", bind=True)
     def logs_a_line(self: Any) -> None:
         with bound(notification_id=7):
             logging.getLogger("ipn.test").info("inside")
