@@ -10,8 +10,18 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from ipn import alerts
 from ipn.events import outbox
-from models import Anomaly, AnomalyKind, AnomalyStatus, EventSource, EventType, Payment, utcnow
+from models import (
+    AlertKind,
+    Anomaly,
+    AnomalyKind,
+    AnomalyStatus,
+    EventSource,
+    EventType,
+    Payment,
+    utcnow,
+)
 
 
 def open_anomaly(
@@ -43,7 +53,11 @@ def open_anomaly(
         .on_conflict_do_nothing(index_elements=["dedupe_key"])
         .returning(Anomaly.id)
     )
-    return session.execute(statement).scalar_one_or_none()
+    anomaly_id = session.execute(statement).scalar_one_or_none()
+    if anomaly_id is not None:
+        # Counted with the anomaly, in its transaction: the beat's send_alerts tells it.
+        alerts.record(session, AlertKind.ANOMALY, kind.value)
+    return anomaly_id
 
 
 def resolve_anomaly(session: Session, anomaly_id: int, resolution: str, by: str) -> Anomaly:

@@ -10,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ipn.inbox import store_callback
+from ipn.logs import bind, bound, request_id_from
 from ipn.metrics import CALLBACK_DURATION, CALLBACKS, CALLBACKS_REFUSED
 
 log = logging.getLogger(__name__)
@@ -28,16 +29,20 @@ ENDPOINTS = {
 
 def receive(provider: str, kind: str) -> Response:
     started = time.perf_counter()
+    request_id = request_id_from(request.headers.get("X-Request-Id"))
     try:
-        return _receive(provider, kind)
+        with bound(request_id=request_id, provider=provider):
+            response = _receive(provider, kind, request_id)
     except RequestEntityTooLarge:
         CALLBACKS_REFUSED.labels(provider, "413").inc()
         raise
     finally:
         CALLBACK_DURATION.labels(provider).observe(time.perf_counter() - started)
+    response.headers["X-Request-Id"] = request_id
+    return response
 
 
-def _receive(provider: str, kind: str) -> Response:
+def _receive(provider: str, kind: str, request_id: str) -> Response:
     services = current_app.extensions["ipn"]
     body = request.get_data(cache=False)
     # The app's MAX_CONTENT_LENGTH is one byte over the cap: a declared length over it is
@@ -51,7 +56,13 @@ def _receive(provider: str, kind: str) -> Response:
         return _incomplete(provider, kind)
     try:
         notification_id = store_callback(
-            services.db, provider, kind, body, dict(request.headers), request.remote_addr
+            services.db,
+            provider,
+            kind,
+            body,
+            dict(request.headers),
+            request.remote_addr,
+            request_id=request_id,
         )
     except SQLAlchemyError as exc:
         CALLBACKS_REFUSED.labels(provider, "503").inc()
@@ -59,6 +70,8 @@ def _receive(provider: str, kind: str) -> Response:
         # Not 200: the provider must send it again.
         return Response("unavailable\n", status=503, mimetype="text/plain")
     CALLBACKS.labels(provider, kind).inc()
+    bind(notification_id=notification_id)
+    log.info("%s %s callback stored as notification %s", provider, kind, notification_id)
     current_app.extensions["ipn.dispatcher"].submit(notification_id)
     return Response("success", status=200, mimetype="text/plain")
 

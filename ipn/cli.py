@@ -22,6 +22,7 @@ from ipn import serialize
 from ipn.anomalies import resolve_anomaly
 from ipn.config import PROVIDERS, settings_or_exit
 from ipn.dispatch import enqueue
+from ipn.logs import configure_logging
 from ipn.services import Services
 from models import (
     Anomaly,
@@ -39,11 +40,7 @@ PAGE = 500
 def main() -> None:
     """Entry point of the `ipn` console script."""
     # Command output goes to stdout; the library's INFO lines would only be in its way there.
-    logging.basicConfig(
-        level=logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(level=logging.WARNING, stream=sys.stderr)
 
     def load() -> Flask:
         from ipn import create_app

@@ -176,6 +176,8 @@ class Settings:
     # The operator console under /console (IPN_CONSOLE=0 turns it off).
     console: bool = True
     public_url: str = "http://localhost:8000"
+    # Whether IPN_PUBLIC_URL was given: only then do alerts link to the console.
+    public_url_set: bool = False
     max_body_bytes: int = 65536
     port: int = 8000
     data_dir: Path = Path(".")
@@ -205,6 +207,16 @@ class Settings:
     # evidence of something that went wrong) are kept for the longer of the two.
     retention_days: int = 90
     retention_failed_days: int = 365
+    # `text` (the default, for a terminal) or `json`: one object a line for a log collector.
+    log_format: str = "text"
+    # A Slack-compatible incoming webhook for alerts; none sent without it.
+    alert_webhook_url: str | None = field(default=None, repr=False)
+    # A provider with open payments and no callback for this long is reported silent.
+    provider_silence: timedelta = timedelta(hours=6)
+    # More payments than this whose status query failed within ALERT_WINDOW raise an alert.
+    alert_check_failures: int = 5
+    # The same alert is not sent again within this period; what happens meanwhile is counted.
+    alert_quiet: timedelta = timedelta(minutes=15)
     http: HTTPSettings = HTTPSettings()
     events: EventSettings = EventSettings()
     cubepay: CubePaySettings = CubePaySettings()
@@ -258,6 +270,7 @@ class Settings:
             secret_key=reader.text("IPN_SECRET_KEY"),
             console=reader.flag("IPN_CONSOLE", default=True),
             public_url=(reader.text("IPN_PUBLIC_URL") or "http://localhost:8000").rstrip("/"),
+            public_url_set=reader.text("IPN_PUBLIC_URL") is not None,
             max_body_bytes=reader.integer("IPN_MAX_BODY_BYTES", 65536, minimum=1024),
             port=reader.integer("PORT", 8000, minimum=1, maximum=65535),
             data_dir=data_dir,
@@ -279,6 +292,13 @@ class Settings:
             retention_failed_days=reader.integer(
                 "IPN_RETENTION_FAILED_DAYS", 365, minimum=1, maximum=36500
             ),
+            log_format=reader.choice("IPN_LOG_FORMAT", {"text": "text", "json": "json"}, "text"),
+            alert_webhook_url=reader.text("IPN_ALERT_WEBHOOK_URL"),
+            provider_silence=timedelta(
+                hours=reader.integer("IPN_PROVIDER_SILENCE_HOURS", 6, minimum=1)
+            ),
+            alert_check_failures=reader.integer("IPN_ALERT_CHECK_FAILURES", 5, minimum=0),
+            alert_quiet=timedelta(minutes=reader.integer("IPN_ALERT_QUIET_MINUTES", 15, minimum=1)),
             http=HTTPSettings(
                 connect_timeout=reader.number("IPN_HTTP_CONNECT_TIMEOUT", 3.05),
                 read_timeout=reader.number("IPN_HTTP_READ_TIMEOUT", 10.0),
@@ -356,6 +376,10 @@ class Settings:
                     "COINBARPAY_TOKEN_API_KEY must be 32 bytes and COINBARPAY_TOKEN_SECRET 16 bytes"
                 )
         self._check_events()
+        if self.alert_webhook_url and not self.alert_webhook_url.startswith(
+            ("https://", "http://")
+        ):
+            raise ConfigurationError("IPN_ALERT_WEBHOOK_URL must be an http(s) URL")
         if self.console and not self.secret_key and not self.local_default:
             raise ConfigurationError(
                 "IPN_SECRET_KEY must be set to sign the console's sessions"

@@ -23,6 +23,8 @@ worker_connections = 1000
 # (gunicorn's async workers read them under this timeout), and to start its next request on a
 # keep-alive connection: a client that trickles its headers is closed after it.
 keepalive = 5
+# Gunicorn's own lines in IPN_LOG_FORMAT, redacted like the application's (ipn.logs).
+logger_class = "ipn.logs.GunicornLogger"
 
 
 # Bad settings are refused in one line while gunicorn reads this file, before it logs its start

@@ -32,6 +32,7 @@ def store_callback(
     headers: Mapping[str, str],
     remote_addr: str | None,
     received_at: datetime | None = None,
+    request_id: str | None = None,
 ) -> int:
     """Commit one inbox row (one INSERT) and return its id. Nothing is parsed here."""
     statement = (
@@ -45,6 +46,7 @@ def store_callback(
             body=body,
             body_sha256=hashlib.sha256(body).hexdigest(),
             status=NotificationStatus.RECEIVED,
+            request_id=request_id,
         )
         .returning(Notification.id)
     )

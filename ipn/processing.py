@@ -36,6 +36,7 @@ from ipn.errors import (
 from ipn.events import outbox
 from ipn.inbox import TRACEBACK_LIMIT, settle, storable
 from ipn.metrics import RETRIES
+from ipn.logs import bind, bound
 from ipn.polling import Schedule
 from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
 from ipn.providers.bitcoinpaygate import anomaly_key
@@ -100,9 +101,15 @@ def run(services: Services, notification_id: int, retries_so_far: int) -> tuple[
     Nothing escapes: a transient failure is retried (finitely), anything else settles the row
     `failed` with its error and traceback.
     """
+    with bound(notification_id=notification_id):
+        return _run(services, notification_id, retries_so_far)
+
+
+def _run(services: Services, notification_id: int, retries_so_far: int) -> tuple[str, int | None]:
     settings = services.settings
     try:
-        outcome = process_notification(services, notification_id)
+        # Not the public entry point: the context it binds must stay for the lines below.
+        outcome = _process_notification(services, notification_id)
     except Exception as exc:
         if not is_transient(exc):
             # Raised before the row was claimed (or while settling it): settle it here.
@@ -129,6 +136,13 @@ def process_notification(
     services: Services, notification_id: int, *, now: datetime | None = None
 ) -> Outcome:
     """Take one `received` row to its final status. Safe to run any number of times, at once."""
+    with bound(notification_id=notification_id):
+        return _process_notification(services, notification_id, now=now)
+
+
+def _process_notification(
+    services: Services, notification_id: int, *, now: datetime | None = None
+) -> Outcome:
     now = now or utcnow()
     claim = _claim(services, notification_id, now)
     if claim is None:
@@ -174,6 +188,10 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
 
     with services.db.sessions() as session:
         known = find_payment(session, provider.name, callback.ref)
+    if known is not None:
+        bind(payment_id=known.id, order_id=known.order_id)
+    else:
+        bind(order_id=callback.ref.order_id)
     if known is not None and not provider.token_matches(callback, known.callback_token):
         reason = "forged: the per-payment token does not match the payment's"
         return _settle(services, claim, S.REJECTED, reason, error=reason, payment_id=known.id)
@@ -325,7 +343,10 @@ def describe(exc: BaseException) -> str:
 def _claim(services: Services, notification_id: int, now: datetime) -> Claim | None:
     with services.db.transaction() as session:
         row = session.get(Notification, notification_id, with_for_update=True)
-        if row is None or row.status is not S.RECEIVED:
+        if row is None:
+            return None
+        bind(request_id=row.request_id, provider=row.provider, payment_id=row.payment_id)
+        if row.status is not S.RECEIVED:
             return None
         row.attempts += 1
         row.last_attempt_at = now

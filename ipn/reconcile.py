@@ -19,6 +19,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from ipn import rate_limit
 from ipn.errors import ConcurrentUpdate, ProviderError
 from ipn.metrics import RECONCILE_CHECKS, RECONCILE_PASS_DURATION, RECONCILE_PASS_PAYMENTS
+from ipn.logs import bind, bound
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from ipn.services import Services
@@ -229,6 +230,18 @@ def check_payment(
 
     With `requested_by` (an operator asking from the console), the timeline also gets a line
     saying who asked and what came of it, whatever the check changed."""
+    with bound(payment_id=payment_id):
+        return _check_payment(services, payment_id, now, force, lease, requested_by)
+
+
+def _check_payment(
+    services: Services,
+    payment_id: str,
+    now: datetime | None,
+    force: bool,
+    lease: str | None,
+    requested_by: str | None,
+) -> Check:
     now = now or utcnow()
     if requested_by is not None:
         check = check_payment(services, payment_id, now=now, force=force, lease=lease)
@@ -258,6 +271,7 @@ def _check(
         payment = session.get(Payment, payment_id)
     if payment is None:
         return Check(payment_id, "failed", "no such payment")
+    bind(provider=payment.provider, order_id=payment.order_id)
     if payment.lease_token != lease:
         return _lease_lost(payment_id)
     if payment.status.is_terminal and schedule.next_check_at(payment, now) is None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -11,8 +12,9 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select
 
 from ipn.metrics import observe_settled
+from ipn import alerts
 from ipn.services import Services
-from models import Notification, NotificationStatus, utcnow
+from models import AlertKind, Notification, NotificationStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ def sweep_inbox(
             )
             if not rows:
                 break
+            dead: Counter[str] = Counter()
             for row in rows:
                 if row.attempts >= settings.max_attempts:
                     row.status = NotificationStatus.DEAD
@@ -76,9 +79,12 @@ def sweep_inbox(
                     row.last_error = row.last_error or "no attempt finished"
                     observe_settled(session, row.provider, row.status, row.received_at)
                     report.dead.append(row.id)
+                    dead[row.provider] += 1
                 else:
                     row.next_attempt_at = now + settings.sweep_after
                     to_send.append(row.id)
+            for provider, count in dead.items():
+                alerts.record(session, AlertKind.DEAD, provider, count, now=now)
             last_id = rows[-1].id
         for notification_id in to_send:
             try:

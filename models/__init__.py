@@ -1,5 +1,6 @@
 """The data: payments and their timeline, the inbox of notifications, and anomalies for review."""
 
+from models.alert import Alert, AlertKind
 from models.anomaly import Anomaly, AnomalyKind, AnomalyStatus
 from models.base import Base, Money, UTCDateTime, new_id, utcnow
 from models.event import (
@@ -26,6 +27,8 @@ from models.rate_limit import ProviderCalls
 __all__ = [
     "OPEN",
     "TERMINAL",
+    "Alert",
+    "AlertKind",
     "Anomaly",
     "AnomalyKind",
     "AnomalyStatus",

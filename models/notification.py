@@ -72,6 +72,9 @@ class Notification(Base):
     # When retention emptied the body and headers: the row and its verdict stay, the bytes
     # are gone, so it can no longer be replayed.
     pruned_at: Mapped[datetime | None]
+    # The id of the request that brought it (the caller's sane X-Request-Id, else one of ours):
+    # the worker's log lines for the row carry it too.
+    request_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class NotificationReplay(Base):

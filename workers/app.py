@@ -9,16 +9,19 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import setup_logging, worker_process_init
 from flask import Flask
 from prometheus_client import multiprocess
 
 from ipn.config import Settings
+from ipn.logs import configure_logging
 
 SWEEP_EVERY = timedelta(minutes=1)
 RECONCILE_EVERY = timedelta(minutes=1)
 DELIVER_DUE_EVERY = timedelta(seconds=10)
 # Retention counts in days: once a day is enough, and a second beat running it changes nothing.
 PRUNE_EVERY = timedelta(days=1)
+SEND_ALERTS_EVERY = timedelta(minutes=1)
 
 # The Flask apps this process built a Celery app for (a worker builds one), so that a forked
 # pool process can reach their engines without importing the entry module that built them.
@@ -64,6 +67,7 @@ def make_celery(flask_app: Flask, settings: Settings) -> Celery:
             "reconcile-due": {"task": "ipn.reconcile_due", "schedule": RECONCILE_EVERY},
             "deliver-events": {"task": "ipn.deliver_due", "schedule": DELIVER_DUE_EVERY},
             "prune": {"task": "ipn.prune", "schedule": PRUNE_EVERY},
+            "send-alerts": {"task": "ipn.send_alerts", "schedule": SEND_ALERTS_EVERY},
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         include=["workers.tasks"],
@@ -84,3 +88,9 @@ def _fresh_connections(**_: Any) -> None:
 def _metrics_gone(pid: int | None = None, **_: Any) -> None:
     """A pool process that exits takes its live gauges with it; its counters stay."""
     multiprocess.mark_process_dead(pid or os.getpid())
+@setup_logging.connect
+def _logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Celery leaves logging to us when this signal has a receiver: the worker and beat log
+    like the web process (ipn.logs), at the level of their --loglevel."""
+    for flask_app in list(_BUILT):
+        configure_logging(flask_app.extensions["ipn"].settings, level=loglevel)
