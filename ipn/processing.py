@@ -35,8 +35,8 @@ from ipn.errors import (
 )
 from ipn.events import outbox
 from ipn.inbox import TRACEBACK_LIMIT, settle, storable
-from ipn.metrics import RETRIES
 from ipn.logs import bind, bound
+from ipn.metrics import RETRIES
 from ipn.polling import Schedule
 from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
 from ipn.providers.bitcoinpaygate import anomaly_key

@@ -18,8 +18,8 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from ipn import rate_limit
 from ipn.errors import ConcurrentUpdate, ProviderError
-from ipn.metrics import RECONCILE_CHECKS, RECONCILE_PASS_DURATION, RECONCILE_PASS_PAYMENTS
 from ipn.logs import bind, bound
+from ipn.metrics import RECONCILE_CHECKS, RECONCILE_PASS_DURATION, RECONCILE_PASS_PAYMENTS
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from ipn.services import Services

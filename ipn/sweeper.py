@@ -11,8 +11,8 @@ from datetime import datetime
 
 from sqlalchemy import and_, or_, select
 
-from ipn.metrics import observe_settled
 from ipn import alerts
+from ipn.metrics import observe_settled
 from ipn.services import Services
 from models import AlertKind, Notification, NotificationStatus, utcnow
 

@@ -8,8 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init, worker_process_shutdown
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 from flask import Flask
 from prometheus_client import multiprocess
 
@@ -88,6 +87,8 @@ def _fresh_connections(**_: Any) -> None:
 def _metrics_gone(pid: int | None = None, **_: Any) -> None:
     """A pool process that exits takes its live gauges with it; its counters stay."""
     multiprocess.mark_process_dead(pid or os.getpid())
+
+
 @setup_logging.connect
 def _logging(loglevel: int | str | None = None, **_: Any) -> None:
     """Celery leaves logging to us when this signal has a receiver: the worker and beat log

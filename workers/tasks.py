@@ -5,8 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 from flask import current_app
 
-from ipn import processing, reconcile, retention, sweeper
-from ipn import alerts, processing, reconcile, sweeper
+from ipn import alerts, processing, reconcile, retention, sweeper
 from ipn.dispatch import DELIVER_TASK, PROCESS_TASK, enqueue, enqueue_delivery
 from ipn.events import delivery
 from ipn.services import Services
@@ -66,6 +65,8 @@ def deliver_due() -> str:
 @shared_task(name="ipn.prune")
 def prune() -> str:
     return str(retention.prune(_services()))
+
+
 @shared_task(name="ipn.send_alerts")
 def send_alerts() -> str:
     return str(alerts.send_alerts(_services()))
