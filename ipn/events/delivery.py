@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Exists, Select, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Exists, Select, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from ipn.events import outbox, signing, urls
@@ -182,9 +183,19 @@ def _due(now: datetime) -> Select[int]:
 def _waits_for(earlier: type[Delivery]) -> Exists:
     """An earlier event of the same payment is still on its way to the same endpoint."""
     return exists().where(
-        earlier.endpoint_id == Delivery.endpoint_id,
-        earlier.payment_id == Delivery.payment_id,
-        earlier.sequence < Delivery.sequence,
+        *_ahead_of(earlier, Delivery.endpoint_id, Delivery.payment_id, Delivery.sequence)
+    )
+
+
+def _ahead_of(
+    earlier: type[Delivery], endpoint_id: Any, payment_id: Any, sequence: Any
+) -> tuple[ColumnElement[bool], ...]:
+    """`earlier` is a pending delivery of the same payment's earlier event to the same endpoint
+    (given as columns, to correlate, or as one delivery's values)."""
+    return (
+        earlier.endpoint_id == endpoint_id,
+        earlier.payment_id == payment_id,
+        earlier.sequence < sequence,
         earlier.status == D.PENDING,
     )
 
@@ -206,10 +217,9 @@ def _lease(services: Services, delivery_id: int, now: datetime) -> _Held | Outco
         blocking = (
             session.scalar(
                 select(func.min(earlier.sequence)).where(
-                    earlier.endpoint_id == delivery.endpoint_id,
-                    earlier.payment_id == delivery.payment_id,
-                    earlier.sequence < delivery.sequence,
-                    earlier.status == D.PENDING,
+                    *_ahead_of(
+                        earlier, delivery.endpoint_id, delivery.payment_id, delivery.sequence
+                    )
                 )
             )
             if delivery.payment_id is not None
