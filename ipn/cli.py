@@ -666,17 +666,7 @@ def _payment_by_reference(session: Session, reference: str) -> Payment:
 
 def _keyset(query: Any, key: Any) -> Iterable[Any]:
     """Every matching row, a page at a time, so a long list never sits in memory at once."""
-    last: Any = None
-    while True:
-        page_query = query.order_by(key).limit(PAGE)
-        if last is not None:
-            page_query = page_query.where(key > last)
-        with services().db.sessions() as session:
-            rows = session.scalars(page_query).all()
-        if not rows:
-            return
-        yield from rows
-        last = getattr(rows[-1], key.key)
+    return services().db.keyset(query, key, PAGE)
 
 
 def _print(

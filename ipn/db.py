@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -92,6 +92,22 @@ class Database:
         """A session inside one transaction: committed on success, rolled back on error."""
         with self.sessions() as session, session.begin():
             yield session
+
+    def keyset(self, query: Select[Any], key: Any, page: int = 500) -> Iterator[Any]:
+        """Every row `query` selects, in `key` order, a page at a time, each page in a session
+        of its own: a long listing never holds a transaction open or sits in memory at once.
+        `query` selects either `key` itself or whole rows that carry it."""
+        last: Any = None
+        while True:
+            paged = query.order_by(key).limit(page)
+            if last is not None:
+                paged = paged.where(key > last)
+            with self.sessions() as session:
+                rows = session.scalars(paged).all()
+            if not rows:
+                return
+            yield from rows
+            last = getattr(rows[-1], key.key, rows[-1])
 
     def dispose(self) -> None:
         self.engine.dispose(close=False)

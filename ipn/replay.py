@@ -46,21 +46,8 @@ class ReplayFilter:
 def matching_ids(services: Services, which: ReplayFilter) -> Iterator[int]:
     """Ids of the matching rows in id order, a page at a time (keyset), never all at once.
     Pruned rows are left out: their bodies are gone, there is nothing to replay."""
-    last = 0
-    while True:
-        with services.db.sessions() as session:
-            page: list[int] = list(
-                session.scalars(
-                    which.apply(select(Notification.id))
-                    .where(Notification.id > last, Notification.pruned_at.is_(None))
-                    .order_by(Notification.id)
-                    .limit(PAGE)
-                )
-            )
-        if not page:
-            return
-        yield from page
-        last = page[-1]
+    query = which.apply(select(Notification.id)).where(Notification.pruned_at.is_(None))
+    return services.db.keyset(query, Notification.id, PAGE)
 
 
 def replay(

@@ -89,21 +89,7 @@ def attempt(a: DeliveryAttempt) -> dict[str, Any]:
 
 def matching_ids(services: Services, which: EventFilter) -> Iterator[str]:
     """Ids of the matching events, oldest first, a page at a time (keyset)."""
-    last = ""
-    while True:
-        with services.db.sessions() as session:
-            page = list(
-                session.scalars(
-                    which.apply(select(MerchantEvent.id))
-                    .where(MerchantEvent.id > last)
-                    .order_by(MerchantEvent.id)
-                    .limit(PAGE)
-                )
-            )
-        if not page:
-            return
-        yield from page
-        last = page[-1]
+    return services.db.keyset(which.apply(select(MerchantEvent.id)), MerchantEvent.id, PAGE)
 
 
 def redeliver(services: Services, event_ids: list[str], now: datetime) -> list[str]:
