@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from ipn.config import DEFAULT_ACCOUNT
 from ipn.inbox import store_callback
 from ipn.logs import bind, bound, request_id_from
 from ipn.metrics import CALLBACK_DURATION, CALLBACKS, CALLBACKS_REFUSED
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("callbacks", __name__, url_prefix="/ipn")
 
-# path -> (provider, kind)
+# path of the default account -> (provider, kind)
 ENDPOINTS = {
     "/cubepay": ("cubepay", "ipn"),
     "/bitcoinpaygate/notification": ("bitcoinpaygate", "notification"),
@@ -27,12 +28,29 @@ ENDPOINTS = {
 }
 
 
-def receive(provider: str, kind: str) -> Response:
+def callback_path(provider: str, kind: str, account: str = DEFAULT_ACCOUNT) -> str:
+    """Where one account's callbacks of one kind come: `/ipn/<provider>/<account>`, with the
+    kind after it where a provider has two; today's paths are the default account's."""
+    for path, (name, its_kind) in ENDPOINTS.items():
+        if (name, its_kind) == (provider, kind):
+            if account == DEFAULT_ACCOUNT:
+                return f"{bp.url_prefix}{path}"
+            head, _, tail = path[1:].partition("/")
+            return f"{bp.url_prefix}/{head}/{account}" + (f"/{tail}" if tail else "")
+    raise KeyError((provider, kind))
+
+
+def receive(provider: str, kind: str, account: str = DEFAULT_ACCOUNT) -> Response:
     started = time.perf_counter()
     request_id = request_id_from(request.headers.get("X-Request-Id"))
+    if account not in current_app.extensions["ipn"].settings.account_names(provider):
+        # Nothing stored: no credentials could ever verify it. Not 2xx, so a provider pointed
+        # here by mistake keeps retrying until the account is configured.
+        CALLBACKS_REFUSED.labels(provider, "404").inc()
+        return Response(f"no {provider} account {account!r}\n", status=404, mimetype="text/plain")
     try:
-        with bound(request_id=request_id, provider=provider):
-            response = _receive(provider, kind, request_id)
+        with bound(request_id=request_id, provider=provider, account=account):
+            response = _receive(provider, kind, request_id, account)
     except RequestEntityTooLarge:
         CALLBACKS_REFUSED.labels(provider, "413").inc()
         raise
@@ -42,7 +60,7 @@ def receive(provider: str, kind: str) -> Response:
     return response
 
 
-def _receive(provider: str, kind: str, request_id: str) -> Response:
+def _receive(provider: str, kind: str, request_id: str, account: str) -> Response:
     services = current_app.extensions["ipn"]
     body = request.get_data(cache=False)
     # The app's MAX_CONTENT_LENGTH is one byte over the cap: a declared length over it is
@@ -63,6 +81,7 @@ def _receive(provider: str, kind: str, request_id: str) -> Response:
             dict(request.headers),
             request.remote_addr,
             request_id=request_id,
+            account=account,
         )
     except SQLAlchemyError as exc:
         CALLBACKS_REFUSED.labels(provider, "503").inc()
@@ -89,5 +108,13 @@ for _path, (_provider, _kind) in ENDPOINTS.items():
         view_func=lambda provider=_provider, kind=_kind: receive(provider, kind),
         methods=["POST"],
         # Providers only POST (CONTRACT): OPTIONS is refused like any other method.
+        provide_automatic_options=False,
+    )
+    _head, _, _tail = _path[1:].partition("/")
+    bp.add_url_rule(
+        f"/{_head}/<account>" + (f"/{_tail}" if _tail else ""),
+        endpoint=f"{_provider}_{_kind}_account",
+        view_func=lambda account, provider=_provider, kind=_kind: receive(provider, kind, account),
+        methods=["POST"],
         provide_automatic_options=False,
     )

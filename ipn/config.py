@@ -6,12 +6,14 @@ import base64
 import ipaddress
 import logging
 import os
+import re
 import sys
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ipn.errors import ConfigurationError
 
@@ -29,6 +31,28 @@ PROVIDERS = ("cubepay", "bitcoinpaygate", "coinbarpay", "cryptoprocessing")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# The account the environment's variables configure, behind today's callback paths.
+DEFAULT_ACCOUNT = "default"
+# An account's name is a path segment of its callback URL and a label of its metrics.
+ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+
+
+@dataclass(frozen=True)
+class PreviousSecret:
+    """A signing secret replaced at the provider, still accepted on callbacks received before
+    `valid_until` so that those in flight or waiting in the inbox are not lost."""
+
+    secret: str = field(repr=False)
+    valid_until: datetime
+
+    def valid_at(self, when: datetime) -> bool:
+        return when < self.valid_until
+
+    @property
+    def label(self) -> str:
+        """How a notification row names the secret that verified it, without revealing it."""
+        return f"previous until {self.valid_until.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
 
 @dataclass(frozen=True)
 class CubePaySettings:
@@ -38,6 +62,12 @@ class CubePaySettings:
     # CubePay names coins and fiat currencies by number; extend with CUBEPAY_CURRENCY_IDS.
     currency_ids: Mapping[str, int] = field(default_factory=lambda: dict(CUBEPAY_CURRENCY_IDS))
     allowed_ips: tuple[IPNetwork, ...] = ()
+    account: str = DEFAULT_ACCOUNT
+    previous_secrets: tuple[PreviousSecret, ...] = ()
+    # This account's status-query budget; None: the provider's (IPN_POLL_LIMITS).
+    poll_limit: tuple[int, str] | None = None
+    # The credential that signs callbacks, the one `previous_secrets` replaced.
+    signed_with: ClassVar[str] = "client_secret"
 
     @property
     def configured(self) -> bool:
@@ -55,6 +85,12 @@ class BitcoinPaygateSettings:
     hmac_key: str | None = field(default=None, repr=False)
     api_url: str = "https://api.bitcoinpaygate.com"
     allowed_ips: tuple[IPNetwork, ...] = ()
+    account: str = DEFAULT_ACCOUNT
+    previous_secrets: tuple[PreviousSecret, ...] = ()
+    # This account's status-query budget; None: the provider's (IPN_POLL_LIMITS).
+    poll_limit: tuple[int, str] | None = None
+    # The credential that signs callbacks, the one `previous_secrets` replaced.
+    signed_with: ClassVar[str] = "hmac_key"
 
     @property
     def configured(self) -> bool:
@@ -80,6 +116,12 @@ class CoinbarPaySettings:
     # How long a created payment stays payable when the answer does not say.
     payment_timeout: timedelta = timedelta(minutes=30)
     allowed_ips: tuple[IPNetwork, ...] = ()
+    account: str = DEFAULT_ACCOUNT
+    previous_secrets: tuple[PreviousSecret, ...] = ()
+    # This account's status-query budget; None: the provider's (IPN_POLL_LIMITS).
+    poll_limit: tuple[int, str] | None = None
+    # The credential that signs callbacks, the one `previous_secrets` replaced.
+    signed_with: ClassVar[str] = "secret_key"
 
     @property
     def configured(self) -> bool:
@@ -105,6 +147,12 @@ class CryptoProcessingSettings:
     # `life_time_duration` sent with each payment request.
     life_time: timedelta = timedelta(hours=1)
     allowed_ips: tuple[IPNetwork, ...] = ()
+    account: str = DEFAULT_ACCOUNT
+    previous_secrets: tuple[PreviousSecret, ...] = ()
+    # This account's status-query budget; None: the provider's (IPN_POLL_LIMITS).
+    poll_limit: tuple[int, str] | None = None
+    # The credential that signs callbacks, the one `previous_secrets` replaced.
+    signed_with: ClassVar[str] = "secret"
 
     @property
     def configured(self) -> bool:
@@ -223,6 +271,10 @@ class Settings:
     bitcoinpaygate: BitcoinPaygateSettings = BitcoinPaygateSettings()
     coinbarpay: CoinbarPaySettings = CoinbarPaySettings()
     cryptoprocessing: CryptoProcessingSettings = CryptoProcessingSettings()
+    # Each provider's further accounts (IPN_ACCOUNTS_FILE), by provider and name; the four
+    # fields above are the `default` accounts.
+    accounts: Mapping[str, Mapping[str, ProviderSettings]] = field(default_factory=dict)
+    accounts_file: Path | None = None
 
     @property
     def embedded(self) -> bool:
@@ -247,6 +299,20 @@ class Settings:
         value: ProviderSettings = getattr(self, name)
         return value
 
+    def account(self, provider: str, name: str = DEFAULT_ACCOUNT) -> ProviderSettings:
+        """One account's settings; KeyError for an account (or provider) not configured."""
+        if name == DEFAULT_ACCOUNT:
+            return self.provider(provider)
+        return self.accounts.get(provider, {})[name]
+
+    def account_names(self, provider: str) -> tuple[str, ...]:
+        return (DEFAULT_ACCOUNT, *sorted(self.accounts.get(provider, {})))
+
+    def all_accounts(self) -> Iterator[ProviderSettings]:
+        for provider in PROVIDERS:
+            for name in self.account_names(provider):
+                yield self.account(provider, name)
+
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
@@ -263,6 +329,12 @@ class Settings:
         for prefix in ("postgres://", "postgresql://"):
             if database_url.startswith(prefix):
                 database_url = "postgresql+psycopg://" + database_url[len(prefix) :]
+        defaults: dict[str, Any] = {name: _read_account(name, reader) for name in PROVIDERS}
+        accounts_file = Path(raw) if (raw := reader.text("IPN_ACCOUNTS_FILE")) else None
+        accounts = load_accounts(accounts_file, env) if accounts_file else {}
+        for name, named in accounts.items():
+            if DEFAULT_ACCOUNT in named:
+                defaults[name] = named.pop(DEFAULT_ACCOUNT)
         settings = cls(
             database_url=database_url,
             redis_url=reader.text("REDIS_URL"),
@@ -322,43 +394,9 @@ class Settings:
                     hours=reader.integer("IPN_MERCHANT_DISABLE_AFTER_HOURS", 120, minimum=1)
                 ),
             ),
-            cubepay=CubePaySettings(
-                client_id=reader.text("CUBEPAY_CLIENT_ID"),
-                client_secret=reader.text("CUBEPAY_CLIENT_SECRET"),
-                api_url=reader.url("CUBEPAY_API_URL", "https://api.cubepay.io"),
-                currency_ids=reader.currency_ids("CUBEPAY_CURRENCY_IDS", CUBEPAY_CURRENCY_IDS),
-                allowed_ips=reader.networks("CUBEPAY_ALLOWED_IPS"),
-            ),
-            bitcoinpaygate=BitcoinPaygateSettings(
-                api_key_name=reader.text("BITCOINPAYGATE_API_KEY_NAME"),
-                api_key_secret=reader.text("BITCOINPAYGATE_API_KEY_SECRET"),
-                hmac_key=reader.text("BITCOINPAYGATE_HMAC_KEY"),
-                api_url=reader.url("BITCOINPAYGATE_API_URL", "https://api.bitcoinpaygate.com"),
-                allowed_ips=reader.networks("BITCOINPAYGATE_ALLOWED_IPS"),
-            ),
-            coinbarpay=CoinbarPaySettings(
-                service_client_id=reader.text("COINBARPAY_SERVICE_CLIENT_ID"),
-                secret_key=reader.text("COINBARPAY_SECRET_KEY"),
-                api_url=reader.url("COINBARPAY_API_URL", "https://sandbox.coinbar.io"),
-                token_api_key=reader.text("COINBARPAY_TOKEN_API_KEY"),
-                token_secret=reader.text("COINBARPAY_TOKEN_SECRET"),
-                empty_body_signs=reader.choice(
-                    "COINBARPAY_SIGN_EMPTY_GET", {"json": "{}", "empty": ""}, "json"
-                ),
-                payment_timeout=timedelta(
-                    minutes=reader.integer("COINBARPAY_PAYMENT_TIMEOUT_MINUTES", 30, minimum=1)
-                ),
-                allowed_ips=reader.networks("COINBARPAY_ALLOWED_IPS"),
-            ),
-            cryptoprocessing=CryptoProcessingSettings(
-                api_key=reader.text("CRYPTOPROCESSING_API_KEY"),
-                secret=reader.text("CRYPTOPROCESSING_SECRET"),
-                api_url=reader.url("CRYPTOPROCESSING_API_URL", "https://app.cryptoprocessing.com"),
-                life_time=timedelta(
-                    seconds=reader.integer("CRYPTOPROCESSING_LIFE_TIME_SECONDS", 3600, minimum=60)
-                ),
-                allowed_ips=reader.networks("CRYPTOPROCESSING_ALLOWED_IPS"),
-            ),
+            **defaults,
+            accounts=accounts,
+            accounts_file=accounts_file,
         )
         settings.check()
         return settings
@@ -422,6 +460,219 @@ def _webhook_secret(secret: str) -> bool:
     return 24 <= len(key) <= 64
 
 
+def _read_account(
+    provider: str, reader: _EnvReader, account: str = DEFAULT_ACCOUNT
+) -> ProviderSettings:
+    """One account's settings from `<PROVIDER>_*` variables (or an accounts-file table read
+    as if it were those variables)."""
+    prefix = provider.upper()
+    common: dict[str, Any] = {
+        "account": account,
+        "allowed_ips": reader.networks(f"{prefix}_ALLOWED_IPS"),
+        "previous_secrets": reader.previous_secret(f"{prefix}_PREVIOUS_SECRET"),
+        # The environment's account keeps IPN_POLL_LIMITS; a file's account may have its own.
+        "poll_limit": reader.poll_limit(f"{prefix}_POLL_LIMIT") if reader.where else None,
+    }
+    if provider == "cubepay":
+        return CubePaySettings(
+            client_id=reader.text("CUBEPAY_CLIENT_ID"),
+            client_secret=reader.text("CUBEPAY_CLIENT_SECRET"),
+            api_url=reader.url("CUBEPAY_API_URL", "https://api.cubepay.io"),
+            currency_ids=reader.currency_ids("CUBEPAY_CURRENCY_IDS", CUBEPAY_CURRENCY_IDS),
+            **common,
+        )
+    if provider == "bitcoinpaygate":
+        return BitcoinPaygateSettings(
+            api_key_name=reader.text("BITCOINPAYGATE_API_KEY_NAME"),
+            api_key_secret=reader.text("BITCOINPAYGATE_API_KEY_SECRET"),
+            hmac_key=reader.text("BITCOINPAYGATE_HMAC_KEY"),
+            api_url=reader.url("BITCOINPAYGATE_API_URL", "https://api.bitcoinpaygate.com"),
+            **common,
+        )
+    if provider == "coinbarpay":
+        return CoinbarPaySettings(
+            service_client_id=reader.text("COINBARPAY_SERVICE_CLIENT_ID"),
+            secret_key=reader.text("COINBARPAY_SECRET_KEY"),
+            api_url=reader.url("COINBARPAY_API_URL", "https://sandbox.coinbar.io"),
+            token_api_key=reader.text("COINBARPAY_TOKEN_API_KEY"),
+            token_secret=reader.text("COINBARPAY_TOKEN_SECRET"),
+            empty_body_signs=reader.choice(
+                "COINBARPAY_SIGN_EMPTY_GET", {"json": "{}", "empty": ""}, "json"
+            ),
+            payment_timeout=timedelta(
+                minutes=reader.integer("COINBARPAY_PAYMENT_TIMEOUT_MINUTES", 30, minimum=1)
+            ),
+            **common,
+        )
+    return CryptoProcessingSettings(
+        api_key=reader.text("CRYPTOPROCESSING_API_KEY"),
+        secret=reader.text("CRYPTOPROCESSING_SECRET"),
+        api_url=reader.url("CRYPTOPROCESSING_API_URL", "https://app.cryptoprocessing.com"),
+        life_time=timedelta(
+            seconds=reader.integer("CRYPTOPROCESSING_LIFE_TIME_SECONDS", 3600, minimum=60)
+        ),
+        **common,
+    )
+
+
+# What an account's table in IPN_ACCOUNTS_FILE may hold: its provider's variables without the
+# prefix, in lower case, and the two keys only a file has.
+_SETTINGS_CLASSES: dict[str, Any] = {
+    "cubepay": CubePaySettings,
+    "bitcoinpaygate": BitcoinPaygateSettings,
+    "coinbarpay": CoinbarPaySettings,
+    "cryptoprocessing": CryptoProcessingSettings,
+}
+ACCOUNT_KEYS = {
+    "cubepay": ("client_id", "client_secret", "api_url", "currency_ids"),
+    "bitcoinpaygate": ("api_key_name", "api_key_secret", "hmac_key", "api_url"),
+    "coinbarpay": (
+        "service_client_id",
+        "secret_key",
+        "api_url",
+        "token_api_key",
+        "token_secret",
+        "sign_empty_get",
+        "payment_timeout_minutes",
+    ),
+    "cryptoprocessing": ("api_key", "secret", "api_url", "life_time_seconds"),
+}
+_FILE_ONLY_KEYS = ("allowed_ips", "poll_limit", "previous_secrets")
+
+
+def _required_keys(provider: str) -> list[str]:
+    """The credentials without which an account does nothing: a file's account needs them."""
+    return [name.split("_", 1)[1].lower() for name in _SETTINGS_CLASSES[provider]().missing()]
+
+
+def _env_defines(provider: str, env: Mapping[str, str]) -> bool:
+    """Whether the environment configures this provider's `default` account."""
+    prefix = provider.upper()
+    return any(
+        env.get(f"{prefix}_{key.upper()}", "").strip()
+        for key in (*_required_keys(provider), _SETTINGS_CLASSES[provider].signed_with)
+    )
+
+
+def load_accounts(path: Path, env: Mapping[str, str]) -> dict[str, dict[str, ProviderSettings]]:
+    """Every account of IPN_ACCOUNTS_FILE, by provider and name; ConfigurationError names the
+    first table or key that is wrong."""
+    where = f"IPN_ACCOUNTS_FILE {path}"
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigurationError(f"{where}: cannot be read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{where}: not TOML: {exc}") from None
+    accounts: dict[str, dict[str, ProviderSettings]] = {}
+    for provider, tables in document.items():
+        if provider not in PROVIDERS:
+            raise ConfigurationError(
+                f"{where}: [{provider}] is not a provider (known: {', '.join(PROVIDERS)})"
+            )
+        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            raise ConfigurationError(
+                f"{where}: [{provider}] must hold one table per account, like [{provider}.shop]"
+            )
+        for name, table in tables.items():
+            accounts.setdefault(provider, {})[name] = _file_account(where, provider, name, table)
+        if DEFAULT_ACCOUNT in tables and _env_defines(provider, env):
+            raise ConfigurationError(
+                f"{where}: [{provider}.default] and the {provider.upper()}_* variables both "
+                f"define the account at /ipn/{provider}; keep one"
+            )
+        _refuse_shared_credentials(where, provider, accounts.get(provider, {}))
+    return accounts
+
+
+def _file_account(where: str, provider: str, name: str, table: dict[str, Any]) -> ProviderSettings:
+    here = f"{where}: [{provider}.{name}]"
+    if not ACCOUNT_NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"{here}: an account's name is lower-case letters, digits, - and _, at most 40"
+        )
+    allowed = (*ACCOUNT_KEYS[provider], *_FILE_ONLY_KEYS)
+    for key in table:
+        if key not in allowed:
+            raise ConfigurationError(f"{here}: unknown key {key!r} (known: {', '.join(allowed)})")
+    for key in _required_keys(provider):
+        if key not in table:
+            raise ConfigurationError(f"{here}: {key} is missing")
+    prefix = provider.upper()
+    variables = {
+        f"{prefix}_{key.upper()}": _as_variable(here, key, value)
+        for key, value in table.items()
+        if key != "previous_secrets"
+    }
+    for key in _required_keys(provider):
+        if not variables[f"{prefix}_{key.upper()}"].strip():
+            raise ConfigurationError(f"{here}: {key} is empty")
+    settings = _read_account(provider, _EnvReader(variables, here), name)
+    previous = _previous_secrets(here, table.get("previous_secrets", []))
+    if previous and not getattr(settings, settings.signed_with):
+        raise ConfigurationError(
+            f"{here}: previous_secrets replace {settings.signed_with}, which is not set"
+        )
+    return replace(settings, previous_secrets=previous)
+
+
+def _as_variable(here: str, key: str, value: Any) -> str:
+    """A TOML value as the text of the variable it stands for."""
+    if key == "allowed_ips" and isinstance(value, list):
+        if all(isinstance(item, str) for item in value):
+            return ",".join(value)
+    elif key == "currency_ids" and isinstance(value, dict):
+        numbers = value.values()
+        if all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+            return ",".join(f"{code}={number}" for code, number in value.items())
+    elif isinstance(value, str):
+        return value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    shapes = {
+        "allowed_ips": 'a list of networks, like ["203.0.113.0/24"]',
+        "currency_ids": "a table of currency ids, like {EUR = 446}",
+    }
+    raise ConfigurationError(f"{here}: {key} must be {shapes.get(key, 'text')}")
+
+
+def _previous_secrets(here: str, entries: Any) -> tuple[PreviousSecret, ...]:
+    example = '[{secret = "...", valid_until = 2027-01-31T00:00:00Z}]'
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigurationError(f"{here}: previous_secrets must look like {example}")
+    previous = []
+    for number, entry in enumerate(entries, 1):
+        what = f"{here}: previous_secrets entry {number}"
+        unknown = sorted(set(entry) - {"secret", "valid_until"})
+        if unknown:
+            raise ConfigurationError(f"{what}: unknown key {unknown[0]!r}")
+        secret, valid_until = entry.get("secret"), entry.get("valid_until")
+        if not isinstance(secret, str) or not secret.strip():
+            raise ConfigurationError(f"{what}: secret is missing or empty")
+        if not isinstance(valid_until, datetime) or valid_until.tzinfo is None:
+            raise ConfigurationError(
+                f"{what}: valid_until must be a time with its offset, like 2027-01-31T00:00:00Z"
+            )
+        previous.append(PreviousSecret(secret, valid_until.astimezone(UTC)))
+    return tuple(previous)
+
+
+def _refuse_shared_credentials(
+    where: str, provider: str, accounts: Mapping[str, ProviderSettings]
+) -> None:
+    """Two accounts with one client id would verify each other's callbacks: not two accounts."""
+    key = _required_keys(provider)[0]
+    seen: dict[str, str] = {}
+    for name, settings in accounts.items():
+        value = getattr(settings, key)
+        if value in seen:
+            raise ConfigurationError(
+                f"{where}: [{provider}.{seen[value]}] and [{provider}.{name}] have the same {key}"
+            )
+        seen[value] = name
+
+
 def warn_if_lax(settings: Settings) -> None:
     """Said once as a server starts: settings fit for a laptop, not for money."""
     if settings.events.allow_private:
@@ -442,8 +693,15 @@ def settings_or_exit(env: Mapping[str, str] | None = None) -> Settings:
 
 
 class _EnvReader:
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], where: str | None = None) -> None:
         self.env = env
+        # For an account of the accounts file: errors name its table and key, not a variable.
+        self.where = where
+
+    def label(self, name: str) -> str:
+        if self.where is None:
+            return name
+        return f"{self.where} {name.split('_', 1)[1].lower()}"
 
     def text(self, name: str) -> str | None:
         value = self.env.get(name, "").strip()
@@ -458,10 +716,12 @@ class _EnvReader:
         try:
             value = int(raw)
         except ValueError:
-            raise ConfigurationError(f"{name} must be a whole number, not {raw!r}") from None
+            raise ConfigurationError(
+                f"{self.label(name)} must be a whole number, not {raw!r}"
+            ) from None
         if value < minimum or (maximum is not None and value > maximum):
             bound = f"from {minimum}" + (f" to {maximum}" if maximum is not None else " up")
-            raise ConfigurationError(f"{name} must be {bound}, not {value}")
+            raise ConfigurationError(f"{self.label(name)} must be {bound}, not {value}")
         return value
 
     def number(self, name: str, default: float) -> float:
@@ -471,15 +731,15 @@ class _EnvReader:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigurationError(f"{name} must be a number, not {raw!r}") from None
+            raise ConfigurationError(f"{self.label(name)} must be a number, not {raw!r}") from None
         if value <= 0:
-            raise ConfigurationError(f"{name} must be positive, not {raw!r}")
+            raise ConfigurationError(f"{self.label(name)} must be positive, not {raw!r}")
         return value
 
     def flag(self, name: str, *, default: bool = False) -> bool:
         raw = (self.text(name) or ("1" if default else "0")).lower()
         if raw not in ("0", "1", "true", "false", "yes", "no"):
-            raise ConfigurationError(f"{name} must be 1 or 0, not {raw!r}")
+            raise ConfigurationError(f"{self.label(name)} must be 1 or 0, not {raw!r}")
         return raw in ("1", "true", "yes")
 
     def seconds_list(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -489,20 +749,55 @@ class _EnvReader:
             return default
         parts = [part.strip() for part in raw.split(",")]
         if not all(part.isdigit() for part in parts):
-            raise ConfigurationError(f"{name} must look like 5,300,1800 (seconds), not {raw!r}")
+            raise ConfigurationError(
+                f"{self.label(name)} must look like 5,300,1800 (seconds), not {raw!r}"
+            )
         return tuple(int(part) for part in parts)
 
     def url(self, name: str, default: str) -> str:
         value = self.text(name) or default
         if not value.startswith(("http://", "https://")):
-            raise ConfigurationError(f"{name} must be an http(s) URL, not {value!r}")
+            raise ConfigurationError(f"{self.label(name)} must be an http(s) URL, not {value!r}")
         return value.rstrip("/")
 
     def choice(self, name: str, choices: Mapping[str, str], default: str) -> str:
         raw = (self.text(name) or default).lower()
         if raw not in choices:
-            raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+            raise ConfigurationError(
+                f"{self.label(name)} must be one of {', '.join(choices)}, not {raw!r}"
+            )
         return choices[raw]
+
+    def poll_limit(self, name: str) -> tuple[int, str] | None:
+        """`800/day` or `60/minute`."""
+        raw = self.text(name)
+        if raw is None:
+            return None
+        calls, _, period = raw.partition("/")
+        if not calls.strip().isdigit() or period.strip() not in ("minute", "day"):
+            raise ConfigurationError(
+                f"{self.label(name)} must look like 800/day or 60/minute, not {raw!r}"
+            )
+        return int(calls), period.strip()
+
+    def previous_secret(self, name: str) -> tuple[PreviousSecret, ...]:
+        """`<PROVIDER>_PREVIOUS_SECRET` with `<PROVIDER>_PREVIOUS_SECRET_VALID_UNTIL`: the one
+        replaced secret an account configured by the environment may still accept."""
+        secret, until = self.text(name), self.text(f"{name}_VALID_UNTIL")
+        if secret is None and until is None:
+            return ()
+        if secret is None or until is None:
+            raise ConfigurationError(f"{name} and {name}_VALID_UNTIL must be set together")
+        try:
+            valid_until = datetime.fromisoformat(until.replace("Z", "+00:00"))
+        except ValueError:
+            valid_until = None
+        if valid_until is None or valid_until.tzinfo is None:
+            raise ConfigurationError(
+                f"{name}_VALID_UNTIL must be a time with its offset, like "
+                f"2027-01-31T00:00:00Z, not {until!r}"
+            )
+        return (PreviousSecret(secret, valid_until.astimezone(UTC)),)
 
     def poll_limits(
         self, name: str, defaults: Mapping[str, tuple[int, str]]
@@ -525,7 +820,8 @@ class _EnvReader:
                 )
             ):
                 raise ConfigurationError(
-                    f"{name} must look like coinbarpay=800/day,cubepay=60/minute, not {part!r}"
+                    f"{self.label(name)} must look like coinbarpay=800/day,cubepay=60/minute,"
+                    f" not {part!r}"
                 )
             limits[provider] = (int(calls), period)
         return limits
@@ -539,7 +835,9 @@ class _EnvReader:
                 continue
             code, _, number = part.partition("=")
             if not code.strip() or not number.strip().isdigit():
-                raise ConfigurationError(f"{name} must look like EUR=446,GBP=445, not {part!r}")
+                raise ConfigurationError(
+                    f"{self.label(name)} must look like EUR=446,GBP=445, not {part!r}"
+                )
             ids[code.strip().upper()] = int(number)
         return ids
 
@@ -554,4 +852,4 @@ class _EnvReader:
                 if part.strip()
             )
         except ValueError as exc:
-            raise ConfigurationError(f"{name}: {exc}") from None
+            raise ConfigurationError(f"{self.label(name)}: {exc}") from None

@@ -2,6 +2,7 @@
 
 IPNError
  ├── ConfigurationError        bad settings, refused at start-up
+ ├── UnknownAccount            no such account of that provider is configured
  ├── CallbackError             the stored callback cannot be acted on; the row is `rejected`
  │    ├── MalformedCallback    not the shape the provider sends (bad JSON, missing fields, ...)
  │    │    └── UnstorableValue an id, text or amount no column can keep as sent
@@ -22,6 +23,16 @@ class IPNError(Exception):
 
 class ConfigurationError(IPNError):
     pass
+
+
+class UnknownAccount(IPNError, KeyError):
+    def __init__(self, provider: str, account: str) -> None:
+        super().__init__(provider, account)
+        self.provider = provider
+        self.account = account
+
+    def __str__(self) -> str:
+        return f"{self.provider} has no account named {self.account!r}"
 
 
 class InvalidPaymentRequest(IPNError):

@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
+from ipn.config import DEFAULT_ACCOUNT
 from ipn.db import Database
 from ipn.metrics import observe_settled
 from models import Notification, NotificationKind, NotificationStatus, utcnow
@@ -33,12 +34,14 @@ def store_callback(
     remote_addr: str | None,
     received_at: datetime | None = None,
     request_id: str | None = None,
+    account: str = DEFAULT_ACCOUNT,
 ) -> int:
     """Commit one inbox row (one INSERT) and return its id. Nothing is parsed here."""
     statement = (
         insert(Notification)
         .values(
             provider=provider,
+            account=account,
             kind=NotificationKind(kind),
             received_at=received_at or utcnow(),
             remote_addr=remote_addr,
@@ -63,6 +66,7 @@ def settle(
     error: str | None = None,
     traceback: str | None = None,
     payment_id: str | None = None,
+    verified_by: str | None = None,
 ) -> bool:
     """Move a `received` row to its final status. False when another worker settled it first.
 
@@ -74,6 +78,8 @@ def settle(
         "processed_at": utcnow(),
         "next_attempt_at": None,
         "replay_mode": None,
+        # Said again by every attempt: a replay rejected under a changed secret verified nothing.
+        "verified_by": verified_by,
     }
     if error is not None:
         values["last_error"] = storable(error)

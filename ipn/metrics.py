@@ -47,6 +47,13 @@ CALLBACKS_REFUSED = Counter(
     ["provider", "code"],
     registry=None,
 )
+# secret="previous": still signed with a replaced secret; at zero for a while, it can go.
+CALLBACKS_VERIFIED = Counter(
+    "ipn_callbacks_verified",
+    "Callbacks whose signature verified, by account and by the secret that verified it",
+    ["provider", "account", "secret"],
+    registry=None,
+)
 CALLBACK_DURATION = Histogram(
     "ipn_callback_duration_seconds",
     "Time the callback view took to answer, whatever it answered",

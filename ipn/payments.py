@@ -1,5 +1,5 @@
-"""Creating payments at providers and recording them: validated input, one record per provider
-and order id, nothing recorded when the provider fails, and a retry that cannot create twice
+"""Creating payments at providers and recording them: validated input, one record per provider,
+account and order id, nothing recorded when the provider fails, and a retry that cannot create twice
 where the provider can be asked about our order id."""
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from ipn.callbacks import ENDPOINTS
+from ipn.callbacks import callback_path
+from ipn.config import DEFAULT_ACCOUNT
 from ipn.currencies import decimals
-from ipn.errors import InvalidPaymentRequest, PaymentNotFound
+from ipn.errors import InvalidPaymentRequest, PaymentNotFound, UnknownAccount
 from ipn.events.urls import UnsafeURL, check_url
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, PaymentRequest, Snapshot
@@ -39,9 +40,10 @@ LOOKUP_BY_ORDER_ID = frozenset({"cubepay", "coinbarpay"})
 
 class DuplicateOrder(Exception):
     def __init__(self, payment: Payment) -> None:
-        super().__init__(
-            f"order {payment.order_id!r} already has payment {payment.id} at {payment.provider}"
-        )
+        where = payment.provider
+        if payment.account != DEFAULT_ACCOUNT:
+            where += f" (account {payment.account})"
+        super().__init__(f"order {payment.order_id!r} already has payment {payment.id} at {where}")
         self.payment = payment
 
 
@@ -56,6 +58,8 @@ class CreateRequest:
     customer_email: str | None = None
     # Where this payment's own events go, beside the merchant's endpoints.
     notify_url: str | None = None
+    # Which of the provider's merchant accounts creates it.
+    account: str = DEFAULT_ACCOUNT
 
 
 def parse_create_request(data: Mapping[str, Any], providers: Mapping[str, object]) -> CreateRequest:
@@ -92,6 +96,7 @@ def parse_create_request(data: Mapping[str, Any], providers: Mapping[str, object
         _text(data, "description"),
         email,
         _text(data, "notify_url"),
+        _text(data, "account") or DEFAULT_ACCOUNT,
     )
 
 
@@ -99,29 +104,34 @@ def create_payment(services: Services, request: CreateRequest) -> tuple[Payment,
     """Create at the provider and record it: (payment, True), or (payment, False) when an
     earlier attempt that looked failed had in fact created it. Raises DuplicateOrder,
     InvalidPaymentRequest (nothing sent) and ProviderError (nothing recorded)."""
-    provider = services.provider(request.provider)
+    try:
+        provider = services.provider(request.provider, request.account)
+    except UnknownAccount as exc:
+        names = ", ".join(services.settings.account_names(request.provider))
+        raise InvalidPaymentRequest("account", f"{exc} (configured: {names})") from None
     if not provider.configured:
         raise InvalidPaymentRequest(
             "provider",
             f"{provider.name} is not configured: set {' and '.join(provider.settings.missing())}",
         )
     _check_notify_url(services, request.notify_url)
-    with order_lock(services, request.provider, request.order_id):
-        existing = _find(services, request.provider, request.order_id)
+    with order_lock(services, request):
+        existing = _find(services, request)
         if existing is not None:
             raise DuplicateOrder(existing)
         token = secrets.token_urlsafe(24)
+        kind = provider.kinds[0]
         wire = PaymentRequest(
             order_id=request.order_id,
             amount=request.amount,
             currency=request.currency,
-            notification_url=_callback_url(services, request.provider),
+            notification_url=_callback_url(services, request, kind),
             pay_currency=request.pay_currency,
             description=request.description,
             customer_email=request.customer_email,
             callback_token=token,
-            anomaly_url=f"{services.settings.public_url}/ipn/bitcoinpaygate/anomaly"
-            if request.provider == "bitcoinpaygate"
+            anomaly_url=_callback_url(services, request, "anomaly")
+            if "anomaly" in provider.kinds
             else None,
         )
         provider.check_request(wire)
@@ -165,7 +175,9 @@ def _created_earlier(services: Services, request: CreateRequest) -> Snapshot | N
     if request.provider not in LOOKUP_BY_ORDER_ID:
         return None
     try:
-        return services.provider(request.provider).fetch_status(PaymentRef(request.order_id))
+        return services.provider(request.provider, request.account).fetch_status(
+            PaymentRef(request.order_id)
+        )
     except PaymentNotFound:
         return None
 
@@ -174,6 +186,7 @@ def _record(services: Services, request: CreateRequest, snapshot: Snapshot, toke
     now = utcnow()
     payment = Payment(
         provider=request.provider,
+        account=request.account,
         order_id=request.order_id,
         provider_payment_id=snapshot.provider_payment_id,
         provider_status=snapshot.provider_status or None,
@@ -208,7 +221,7 @@ def _record(services: Services, request: CreateRequest, snapshot: Snapshot, toke
             )
     except IntegrityError:
         # Only possible if a callback adopted it between the provider's answer and now.
-        existing = _find(services, request.provider, request.order_id)
+        existing = _find(services, request)
         if existing is None:
             raise
         raise DuplicateOrder(existing) from None
@@ -221,7 +234,7 @@ def _record_found(services: Services, request: CreateRequest, snapshot: Snapshot
     with services.db.transaction() as session:
         applied = apply_snapshot(
             session,
-            services.provider(request.provider),
+            services.provider(request.provider, request.account),
             snapshot,
             Evidence(EventSource.CREATE, "create retried: the provider already had this order"),
             now=now,
@@ -239,18 +252,20 @@ def _record_found(services: Services, request: CreateRequest, snapshot: Snapshot
     return payment
 
 
-def _find(services: Services, provider: str, order_id: str) -> Payment | None:
+def _find(services: Services, request: CreateRequest) -> Payment | None:
     with services.db.sessions() as session:
         return session.scalars(
-            select(Payment).where(Payment.provider == provider, Payment.order_id == order_id)
+            select(Payment).where(
+                Payment.provider == request.provider,
+                Payment.account == request.account,
+                Payment.order_id == request.order_id,
+            )
         ).first()
 
 
-def _callback_url(services: Services, provider: str) -> str:
-    path = next(
-        path for path, (name, kind) in ENDPOINTS.items() if name == provider and kind != "anomaly"
-    )
-    return f"{services.settings.public_url}/ipn{path}"
+def _callback_url(services: Services, request: CreateRequest, kind: str) -> str:
+    """The account's own callback path: its secret, and only its, verifies what comes there."""
+    return services.settings.public_url + callback_path(request.provider, kind, request.account)
 
 
 _local_locks: dict[str, threading.Lock] = {}
@@ -258,10 +273,12 @@ _local_guard = threading.Lock()
 
 
 @contextmanager
-def order_lock(services: Services, provider: str, order_id: str) -> Iterator[None]:
-    """One create at a time per provider and order id: a PostgreSQL advisory lock across
-    processes and machines; on SQLite (one web process) a lock in this process."""
-    key = f"{provider}:{order_id}"
+def order_lock(services: Services, request: CreateRequest) -> Iterator[None]:
+    """One create at a time per provider, account and order id: a PostgreSQL advisory lock
+    across processes and machines; on SQLite (one web process) a lock in this process."""
+    key = f"{request.provider}:{request.order_id}"
+    if request.account != DEFAULT_ACCOUNT:
+        key = f"{request.provider}/{request.account}:{request.order_id}"
     if services.db.is_postgresql:
         number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
         with services.db.engine.connect() as connection:

@@ -7,7 +7,7 @@ import ipaddress
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from traceback import format_exception
@@ -32,11 +32,12 @@ from ipn.errors import (
     MalformedCallback,
     ProviderRejected,
     ProviderUnavailable,
+    UnknownAccount,
 )
 from ipn.events import outbox
 from ipn.inbox import TRACEBACK_LIMIT, settle, storable
 from ipn.logs import bind, bound
-from ipn.metrics import RETRIES
+from ipn.metrics import CALLBACKS_VERIFIED, RETRIES
 from ipn.polling import Schedule
 from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
 from ipn.providers.bitcoinpaygate import anomaly_key
@@ -86,6 +87,11 @@ class Claim:
     attempts: int
     # Who asked for the replay being run, for the payment's timeline.
     replayed_by: str | None = None
+    account: str = "default"
+    # When it arrived: a replaced secret verifies what came while it was still valid.
+    received_at: datetime | None = None
+    # Which of the account's secrets verified it, once read; kept on the row as it settles.
+    verified_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,27 +173,36 @@ def _process_notification(
 
 
 def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
-    provider = services.providers.get(claim.provider)
-    if provider is None:
+    if claim.provider not in services.providers:
         return _settle(services, claim, S.IGNORED, f"no provider named {claim.provider!r}")
+    try:
+        provider = services.provider(claim.provider, claim.account)
+    except UnknownAccount as exc:
+        return _settle(services, claim, S.IGNORED, f"{exc}; replay once it is configured")
     if not provider.configured:
         return _settle(
             services, claim, S.IGNORED, f"{provider.name} is not configured; replay once it is"
         )
-    problem = _outside_allowlist(services, claim)
+    problem = _outside_allowlist(provider, claim)
     if problem:
         return _settle(services, claim, S.REJECTED, problem, error=problem)
     try:
-        callback = provider.read_callback(claim.kind, claim.body, claim.headers)
+        callback = provider.read_callback(
+            claim.kind, claim.body, claim.headers, received_at=claim.received_at
+        )
     except MalformedCallback as exc:
         return _settle(services, claim, S.REJECTED, f"malformed: {exc}", error=f"malformed: {exc}")
     except ForgedCallback as exc:
         return _settle(services, claim, S.REJECTED, f"forged: {exc}", error=f"forged: {exc}")
+    if callback.verified_by is not None:
+        secret = "current" if callback.verified_by == "current" else "previous"
+        CALLBACKS_VERIFIED.labels(provider.name, provider.account, secret).inc()
+        claim = replace(claim, verified_by=callback.verified_by)
     if not callback.handled:
         return _settle(services, claim, S.IGNORED, callback.reason)
 
     with services.db.sessions() as session:
-        known = find_payment(session, provider.name, callback.ref)
+        known = find_payment(session, provider.name, callback.ref, account=provider.account)
     if known is not None:
         bind(payment_id=known.id, order_id=known.order_id)
     else:
@@ -371,6 +386,8 @@ def _claim(services: Services, notification_id: int, now: datetime) -> Claim | N
             row.replay_mode,
             row.attempts,
             replayed_by,
+            row.account,
+            row.received_at,
         )
 
 
@@ -500,9 +517,9 @@ def _anomaly_report_detail(provider: str, callback: Callback, verified: bool) ->
     )
 
 
-def _outside_allowlist(services: Services, claim: Claim) -> str | None:
-    """Why the sender may not send this provider's callbacks, if an allowlist is set."""
-    allowed = services.settings.provider(claim.provider).allowed_ips
+def _outside_allowlist(provider: Provider, claim: Claim) -> str | None:
+    """Why the sender may not send this account's callbacks, if an allowlist is set."""
+    allowed = provider.settings.allowed_ips
     if not allowed:
         return None
     try:
@@ -533,6 +550,7 @@ def _settle(
             error=error,
             traceback=traceback,
             payment_id=payment_id,
+            verified_by=claim.verified_by,
         ):
             return Outcome(None, "settled meanwhile by another worker")
     return Outcome(status, outcome, payment_id)
@@ -547,7 +565,15 @@ def _settle_in(
     error: str | None = None,
     payment_id: str | None = None,
 ) -> None:
-    if not settle(session, claim.id, status, outcome=outcome, error=error, payment_id=payment_id):
+    if not settle(
+        session,
+        claim.id,
+        status,
+        outcome=outcome,
+        error=error,
+        payment_id=payment_id,
+        verified_by=claim.verified_by,
+    ):
         raise _SettledElsewhere
 
 

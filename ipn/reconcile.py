@@ -11,13 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, tuple_, update
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from ipn import rate_limit
-from ipn.errors import ConcurrentUpdate, ProviderError
+from ipn.config import DEFAULT_ACCOUNT
+from ipn.errors import ConcurrentUpdate, ProviderError, UnknownAccount
 from ipn.logs import bind, bound
 from ipn.metrics import RECONCILE_CHECKS, RECONCILE_PASS_DURATION, RECONCILE_PASS_PAYMENTS
 from ipn.polling import Schedule
@@ -115,7 +116,8 @@ def reconcile_due(
     due_by = now or utcnow()
     report = PassReport()
     started = time.monotonic()
-    spent: set[str] = set()
+    # The (provider, account) pairs whose call budget this pass has used up.
+    spent: set[tuple[str, str]] = set()
 
     def out_of_time() -> bool:
         return time_budget is not None and time.monotonic() - started >= time_budget
@@ -128,14 +130,14 @@ def reconcile_due(
             for claimed in batch:
                 if out_of_time():
                     break
-                if claimed.provider in spent:
+                if (claimed.provider, claimed.account) in spent:
                     report.skipped += 1
                     report.skipped_budget += 1
                     RECONCILE_CHECKS.labels(claimed.provider, "budget").inc()
                     continue
                 check = check_payment(services, claimed.payment_id, lease=claimed.lease)
                 if check.outcome == "budget":
-                    spent.add(claimed.provider)
+                    spent.add((claimed.provider, claimed.account))
                     report.skipped_budget += 1
                 if check.outcome != "deferred":
                     RECONCILE_CHECKS.labels(claimed.provider, check.outcome).inc()
@@ -167,6 +169,7 @@ def observe_pass(report: PassReport, seconds: float) -> None:
 class Claimed:
     payment_id: str
     provider: str
+    account: str
     # The claim's owner token: only a check holding it may apply an answer.
     lease: str
 
@@ -180,7 +183,7 @@ def claim_due(
     now: datetime,
     *,
     provider: str | None = None,
-    exclude: set[str] | frozenset[str] = frozenset(),
+    exclude: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
 ) -> list[Claimed]:
     """Claim the next batch of payments due by `now` that nobody holds: a fresh token and a lease
     expiry written on each, in the transaction that selected them."""
@@ -188,7 +191,7 @@ def claim_due(
     clock = utcnow()
     with services.db.transaction() as session:
         query = (
-            select(Payment.id, Payment.provider)
+            select(Payment.id, Payment.provider, Payment.account)
             .where(Payment.next_check_at <= now)
             .where(or_(Payment.leased_until.is_(None), Payment.leased_until <= clock))
             .order_by(Payment.next_check_at, Payment.id)
@@ -198,8 +201,11 @@ def claim_due(
         if provider:
             query = query.where(Payment.provider == provider)
         if exclude:
-            query = query.where(Payment.provider.not_in(exclude))
-        rows = [Claimed(payment_id, name, token) for payment_id, name in session.execute(query)]
+            query = query.where(tuple_(Payment.provider, Payment.account).not_in(sorted(exclude)))
+        rows = [
+            Claimed(payment_id, name, account, token)
+            for payment_id, name, account in session.execute(query)
+        ]
         if rows:
             session.execute(
                 update(Payment)
@@ -277,7 +283,11 @@ def _check(
     if payment.status.is_terminal and schedule.next_check_at(payment, now) is None:
         _reschedule(services, payment_id, None)
         return Check(payment_id, "final", f"final: {payment.status.value}")
-    provider = services.provider(payment.provider)
+    try:
+        provider = services.provider(payment.provider, payment.account)
+    except UnknownAccount as exc:
+        _reschedule(services, payment_id, now + timedelta(hours=1))
+        return Check(payment_id, "skipped", str(exc))
     if not provider.configured:
         _reschedule(services, payment_id, now + timedelta(hours=1))
         return Check(payment_id, "skipped", f"{provider.name} is not configured")
@@ -286,10 +296,15 @@ def _check(
     if payment.leased_until is None or payment.leased_until - now < _call_bound(services):
         # The answer might come after the lease ends and another pass has asked too.
         return Check(payment_id, "deferred", "too little of the lease left to ask")
-    limit = services.settings.poll_limits.get(provider.name)
-    if limit and not rate_limit.take(services.db, provider.name, limit[0], limit[1], now):
+    limit = provider.settings.poll_limit or services.settings.poll_limits.get(provider.name)
+    if limit and not rate_limit.take(
+        services.db, provider.name, limit[0], limit[1], now, account=provider.account
+    ):
+        whose = provider.name
+        if provider.account != DEFAULT_ACCOUNT:
+            whose += f"/{provider.account}"
         return Check(
-            payment_id, "budget", f"{provider.name} call budget of {limit[0]} a {limit[1]} is spent"
+            payment_id, "budget", f"{whose} call budget of {limit[0]} a {limit[1]} is spent"
         )
     try:
         snapshot = provider.fetch_status(PaymentRef(payment.order_id, payment.provider_payment_id))

@@ -88,6 +88,7 @@ def payment(p: Payment) -> dict[str, Any]:
     return {
         "id": p.id,
         "provider": p.provider,
+        "account": p.account,
         "order_id": p.order_id,
         "provider_payment_id": p.provider_payment_id,
         "status": p.status.value,
@@ -190,6 +191,7 @@ def notification(n: Notification) -> dict[str, Any]:
     return {
         "id": n.id,
         "provider": n.provider,
+        "account": n.account,
         "kind": n.kind.value,
         "status": n.status.value,
         "received_at": when(n.received_at),
@@ -198,6 +200,7 @@ def notification(n: Notification) -> dict[str, Any]:
         "last_error": n.last_error,
         "outcome": n.outcome,
         "payment_id": n.payment_id,
+        "verified_by": n.verified_by,
     }
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ipn.config import Settings
+import requests
+
+from ipn.config import DEFAULT_ACCOUNT, Settings
 from ipn.db import Database
+from ipn.errors import UnknownAccount
 from ipn.events import outbox
-from ipn.providers import Provider, build_providers
+from ipn.providers import Provider, build_accounts, build_providers
 
 
 def _nowhere(delivery_ids: list[int]) -> None:
@@ -19,18 +22,33 @@ def _nowhere(delivery_ids: list[int]) -> None:
 class Services:
     settings: Settings
     db: Database
+    # Each provider's `default` account, by provider.
     providers: dict[str, Provider]
+    # The further accounts of IPN_ACCOUNTS_FILE, by (provider, account).
+    accounts: dict[tuple[str, str], Provider] = field(default_factory=dict)
     # Called after each commit that wrote deliveries of merchant events, with their ids.
     wake_deliveries: Callable[[list[int]], None] = field(default=_nowhere)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
-        services = cls(settings, Database(settings.database_url), build_providers(settings))
+        session = requests.Session()
+        services = cls(
+            settings,
+            Database(settings.database_url),
+            build_providers(settings, session),
+            build_accounts(settings, session),
+        )
         outbox.install(services.db.sessions, settings.events)
         outbox.wake_after_commit(
             services.db.sessions, lambda delivery_ids: services.wake_deliveries(delivery_ids)
         )
         return services
 
-    def provider(self, name: str) -> Provider:
-        return self.providers[name]
+    def provider(self, name: str, account: str = DEFAULT_ACCOUNT) -> Provider:
+        """The adapter for one account of a provider; UnknownAccount if it is not configured."""
+        try:
+            if account == DEFAULT_ACCOUNT:
+                return self.providers[name]
+            return self.accounts[(name, account)]
+        except KeyError:
+            raise UnknownAccount(name, account) from None

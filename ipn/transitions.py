@@ -15,6 +15,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from ipn.anomalies import open_anomaly
+from ipn.config import DEFAULT_ACCOUNT
 from ipn.events import outbox
 from ipn.polling import Schedule
 from ipn.providers.base import Decision, PaymentRef, Provider, Snapshot
@@ -576,9 +577,15 @@ def expire_by_clock(
 
 
 def find_payment(
-    session: Session, provider: str, ref: PaymentRef, *, lock: bool = False
+    session: Session,
+    provider: str,
+    ref: PaymentRef,
+    *,
+    account: str = DEFAULT_ACCOUNT,
+    lock: bool = False,
 ) -> Payment | None:
-    """The payment a reference names: the provider's id first, then our order id."""
+    """The payment a reference names within one account: the provider's id first, then our
+    order id. One account's credentials never speak for another's payments."""
     conditions = []
     if ref.provider_payment_id:
         conditions.append(Payment.provider_payment_id == ref.provider_payment_id)
@@ -586,7 +593,9 @@ def find_payment(
         conditions.append(Payment.order_id == ref.order_id)
     if not conditions:
         return None
-    query = select(Payment).where(Payment.provider == provider, or_(*conditions))
+    query = select(Payment).where(
+        Payment.provider == provider, Payment.account == account, or_(*conditions)
+    )
     if lock:
         query = query.with_for_update()
     matches = session.execute(query).scalars().all()
@@ -608,6 +617,7 @@ def adopt(
     provider_payment_id = snapshot.provider_payment_id or ref.provider_payment_id
     payment = Payment(
         provider=provider.name,
+        account=provider.account,
         order_id=order_id,
         provider_payment_id=provider_payment_id,
         amount=snapshot.amount,
@@ -639,9 +649,10 @@ def apply_snapshot(
     and adoption is not allowed. The caller owns the transaction and commits."""
     if payment is None:
         ref = ref or snapshot.ref
-        payment = find_payment(session, provider.name, snapshot.ref, lock=True) or (
-            find_payment(session, provider.name, ref, lock=True) if ref else None
-        )
+        account = provider.account
+        payment = find_payment(session, provider.name, snapshot.ref, account=account, lock=True)
+        if payment is None and ref:
+            payment = find_payment(session, provider.name, ref, account=account, lock=True)
         if payment is None:
             if not may_adopt:
                 return None

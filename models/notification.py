@@ -46,6 +46,8 @@ class Notification(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     provider: Mapped[str] = mapped_column(String(32))
+    # The account whose callback path it came to: its credentials verify it.
+    account: Mapped[str] = mapped_column(String(40), default="default", server_default="default")
     kind: Mapped[NotificationKind] = mapped_column(enum_column(NotificationKind))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     remote_addr: Mapped[str | None] = mapped_column(String(64))
@@ -75,6 +77,9 @@ class Notification(Base):
     # The id of the request that brought it (the caller's sane X-Request-Id, else one of ours):
     # the worker's log lines for the row carry it too.
     request_id: Mapped[str | None] = mapped_column(String(64))
+    # Which of the account's secrets verified it: `current`, or a replaced one still valid
+    # (`previous until ...`); none for a row not verified by a signature.
+    verified_by: Mapped[str | None] = mapped_column(String(64))
 
 
 class NotificationReplay(Base):

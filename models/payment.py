@@ -56,7 +56,9 @@ class EventSource(enum.StrEnum):
 class Payment(Base):
     __tablename__ = "payments"
     __table_args__ = (
-        UniqueConstraint("provider", "order_id"),
+        # An order id is the merchant's reference within one account: two shops may both
+        # have an order 1001 at the same provider.
+        UniqueConstraint("provider", "account", "order_id"),
         UniqueConstraint("provider", "provider_payment_id"),
         # A pass claims in this order: the longest overdue first.
         Index("ix_payments_next_check_at", "next_check_at", "id"),
@@ -64,6 +66,9 @@ class Payment(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("pay_"))
     provider: Mapped[str] = mapped_column(String(32))
+    # Which of the provider's merchant accounts (IPN_ACCOUNTS_FILE) it was created with: its
+    # status is asked with that account's credentials.
+    account: Mapped[str] = mapped_column(String(40), default="default", server_default="default")
     order_id: Mapped[str] = mapped_column(String(255), index=True)
     provider_payment_id: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[PaymentStatus] = mapped_column(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from ipn.config import PROVIDERS, Settings
+from ipn.config import DEFAULT_ACCOUNT, PROVIDERS, Settings
 from ipn.providers.base import Provider
 from ipn.providers.bitcoinpaygate import BitcoinPaygate
 from ipn.providers.coinbarpay import CoinbarPay
@@ -28,4 +28,20 @@ def build_providers(
     }
 
 
-__all__ = ["PROVIDER_CLASSES", "Provider", "build_providers"]
+def build_accounts(
+    settings: Settings, session: requests.Session | None = None
+) -> dict[tuple[str, str], Provider]:
+    """One adapter per further account, by (provider, account); the defaults are
+    `build_providers`'s."""
+    session = session or requests.Session()
+    return {
+        (name, account): PROVIDER_CLASSES[name](
+            settings.account(name, account), settings.http, session
+        )
+        for name in PROVIDERS
+        for account in settings.account_names(name)
+        if account != DEFAULT_ACCOUNT
+    }
+
+
+__all__ = ["PROVIDER_CLASSES", "Provider", "build_accounts", "build_providers"]

@@ -8,15 +8,15 @@ import json
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from datetime import datetime
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
 from decimal import Context, Decimal, InvalidOperation
 from typing import Any, ClassVar, Protocol
 
 import requests
 
 from ipn.config import HTTPSettings, ProviderSettings
-from ipn.errors import MalformedCallback, UnstorableValue
+from ipn.errors import ForgedCallback, MalformedCallback, UnstorableValue
 from models import PaymentStatus
 from models.base import MONEY_PRECISION, MONEY_SCALE
 
@@ -91,6 +91,8 @@ class Callback:
     # False for callback types we store but do not act on; `reason` says which.
     handled: bool = True
     reason: str = ""
+    # Which of the account's secrets verified it: `current` or a previous one's label.
+    verified_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,21 @@ class Provider(ABC):
     def configured(self) -> bool:
         return bool(self.settings.configured)
 
-    def read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
-        """Parse and authenticate a stored callback.
+    @property
+    def account(self) -> str:
+        """The merchant account whose credentials this adapter holds."""
+        return self.settings.account
+
+    def read_callback(
+        self,
+        kind: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        received_at: datetime | None = None,
+    ) -> Callback:
+        """Parse and authenticate a stored callback, received at `received_at` (now if not
+        given): the current secret first, then each replaced one still valid at that time.
 
         Raises MalformedCallback when the body is not what the provider sends (or comes to an
         endpoint of a kind the provider does not send), ForgedCallback when a signature, token,
@@ -179,7 +194,36 @@ class Provider(ABC):
         """
         if kind not in self.kinds:
             raise MalformedCallback(f"{self.name} sends no {kind!r} callbacks")
-        return self._read_callback(kind, body, headers)
+        try:
+            callback = self._read_callback(kind, body, headers)
+        except ForgedCallback:
+            earlier = self._read_with_previous(kind, body, headers, received_at or _now())
+            if earlier is None:
+                raise
+            return earlier
+        if callback.authenticity is Authenticity.VERIFIED:
+            return replace(callback, verified_by="current")
+        return callback
+
+    def _read_with_previous(
+        self, kind: str, body: bytes, headers: Mapping[str, str], received_at: datetime
+    ) -> Callback | None:
+        """The callback as a replaced secret still valid when it arrived verifies it, if one
+        does: what was signed before the provider switched keys is not lost."""
+        for previous in self.settings.previous_secrets:
+            if not previous.valid_at(received_at):
+                continue
+            secret: dict[str, Any] = {self.settings.signed_with: previous.secret}
+            changed = replace(self.settings, **secret)
+            try:
+                callback = type(self)(changed, self.http, self.session)._read_callback(
+                    kind, body, headers
+                )
+            except ForgedCallback:
+                continue
+            if callback.authenticity is Authenticity.VERIFIED:
+                return replace(callback, verified_by=previous.label)
+        return None
 
     @abstractmethod
     def _read_callback(self, kind: str, body: bytes, headers: Mapping[str, str]) -> Callback:
@@ -211,6 +255,10 @@ class Provider(ABC):
     def decide(self, snapshot: Snapshot, payment: PaymentFacts | None, now: datetime) -> Decision:
         """Map the provider's status to our state, given the payment as we hold it (if we do),
         at `now`. Each anomaly's evidence carries a `detail` saying in words what happened."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def constant_time_equal(given: str | bytes, expected: str | bytes) -> bool:
