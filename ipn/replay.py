@@ -25,15 +25,20 @@ class ReplayFilter:
     status: NotificationStatus | None = None
     since: datetime | None = None
     until: datetime | None = None
+    # One merchant account's rows (with or without a provider: account names may repeat).
+    account: str | None = None
 
     def __bool__(self) -> bool:
         return any(
-            value is not None for value in (self.provider, self.status, self.since, self.until)
+            value is not None
+            for value in (self.provider, self.status, self.since, self.until, self.account)
         )
 
     def apply(self, query: Select[Any]) -> Select[Any]:
         if self.provider:
             query = query.where(Notification.provider == self.provider)
+        if self.account:
+            query = query.where(Notification.account == self.account)
         if self.status:
             query = query.where(Notification.status == self.status)
         if self.since:

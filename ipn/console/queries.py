@@ -40,10 +40,11 @@ class InboxFilter:
     since: datetime | None = None
     until: datetime | None = None
     reference: str | None = None
+    account: str | None = None
 
     @property
     def replay_filter(self) -> ReplayFilter:
-        return ReplayFilter(self.provider, self.status, self.since, self.until)
+        return ReplayFilter(self.provider, self.status, self.since, self.until, self.account)
 
     def apply(self, query: Select[Any]) -> Select[Any]:
         query = self.replay_filter.apply(query)
@@ -81,8 +82,12 @@ def notifications(session: Session, which: InboxFilter, before: int | None) -> P
     return _keyset(session, which.apply(select(Notification)), Notification.id, before)
 
 
-def payments(session: Session, reference: str | None, before: str | None) -> Page:
+def payments(
+    session: Session, reference: str | None, before: str | None, *, account: str | None = None
+) -> Page:
     query = select(Payment)
+    if account:
+        query = query.where(Payment.account == account)
     if reference:
         query = query.where(
             or_(
