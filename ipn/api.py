@@ -16,6 +16,7 @@ from sqlalchemy import select
 from ipn import openapi, payments, serialize
 from ipn import replay as replays
 from ipn.anomalies import resolve_anomaly
+from ipn.config import DEFAULT_ACCOUNT, PROVIDERS
 from ipn.dispatch import enqueue
 from ipn.errors import InvalidPaymentRequest, ProviderError
 from ipn.services import Services
@@ -97,6 +98,8 @@ def list_payments() -> Response:
         query = query.where(Payment.order_id == order_id)
     if provider := request.args.get("provider"):
         query = query.where(Payment.provider == _provider(provider))
+    if account := request.args.get("account"):
+        query = query.where(Payment.account == _account(account, provider))
     if status := request.args.get("status"):
         query = query.where(Payment.status == _choice(PaymentStatus, status, "status"))
     cursor = _text_arg("cursor")
@@ -173,7 +176,7 @@ def replay_many() -> Response:
     body = _json_body()
     which = _replay_filter(body)
     if not which:
-        raise BadRequest("give at least one of provider, status, since, until")
+        raise BadRequest("give at least one of provider, account, status, since, until")
     mode = _choice(ReplayMode, body.get("mode", "stored"), "mode")
     dry_run = body.get("dry_run", False)
     if not isinstance(dry_run, bool):
@@ -272,11 +275,17 @@ def _payment_by_reference(session: Any, reference: str) -> Payment:
         select(Payment).where(Payment.order_id == reference).order_by(Payment.id)
     ).all()
     if len(found) > 1:
-        names = ", ".join(f"{p.provider} ({p.id})" for p in found)
+        names = ", ".join(f"{_where(p)} ({p.id})" for p in found)
         raise BadRequest(f"order id {reference!r} is used at {names}: give the payment id", 409)
     if not found:
         raise BadRequest(f"no payment with id or order id {reference!r}", 404)
     return found[0]
+
+
+def _where(payment: Payment) -> str:
+    if payment.account == DEFAULT_ACCOUNT:
+        return payment.provider
+    return f"{payment.provider} account {payment.account}"
 
 
 def _text_arg(name: str) -> str | None:
@@ -303,6 +312,17 @@ def _provider(value: Any) -> str:
     return value
 
 
+def _account(value: Any, provider: str | None) -> str:
+    """A configured account's name: of `provider` if given, else of any provider."""
+    settings = _services().settings
+    providers = [provider] if provider else list(PROVIDERS)
+    names = sorted({name for p in providers for name in settings.account_names(p)})
+    if not isinstance(value, str) or value not in names:
+        where = f" of {provider}" if provider else ""
+        raise BadRequest(f"account must be one of the accounts{where}: {', '.join(names)}")
+    return value
+
+
 def _time(value: Any, name: str) -> datetime | None:
     if value in (None, ""):
         return None
@@ -315,9 +335,13 @@ def _time(value: Any, name: str) -> datetime | None:
 def _replay_filter(args: Any) -> replays.ReplayFilter:
     provider = args.get("provider")
     status = args.get("status")
+    account = args.get("account")
     return replays.ReplayFilter(
         provider=_provider(provider) if provider else None,
         status=_choice(NotificationStatus, status, "status") if status else None,
         since=_time(args.get("since"), "since"),
         until=_time(args.get("until"), "until"),
+        account=_account(account, provider if isinstance(provider, str) else None)
+        if account
+        else None,
     )

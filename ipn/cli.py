@@ -142,6 +142,7 @@ def parse_time_option(
 
 
 provider_option = click.option("--provider", type=click.Choice(PROVIDERS), help="Only this one.")
+account_option = click.option("--account", help="Only this merchant account (IPN_ACCOUNTS_FILE).")
 since_option = click.option(
     "--since",
     callback=parse_time_option,
@@ -177,12 +178,14 @@ notifications = AppGroup("notifications", help="The inbox of received callbacks.
 
 @notifications.command("list")
 @provider_option
+@account_option
 @click.option("--status", type=notification_status)
 @since_option
 @until_option
 @json_option
 def notifications_list(
     provider: str | None,
+    account: str | None,
     status: str | None,
     since: datetime | None,
     until: datetime | None,
@@ -190,7 +193,11 @@ def notifications_list(
 ) -> None:
     """Every matching notification, oldest first."""
     which = replays.ReplayFilter(
-        provider, NotificationStatus(status) if status else None, since, until
+        provider,
+        NotificationStatus(status) if status else None,
+        since,
+        until,
+        _account(account, provider),
     )
     rows = _keyset(which.apply(select(Notification)), Notification.id)
     _print(
@@ -232,6 +239,7 @@ def notifications_show(notification_id: int, as_json: bool) -> None:
     for key in (
         "id",
         "provider",
+        "account",
         "kind",
         "status",
         "received_at",
@@ -239,6 +247,7 @@ def notifications_show(notification_id: int, as_json: bool) -> None:
         "attempts",
         "remote_addr",
         "payment_id",
+        "verified_by",
         "outcome",
         "last_error",
         "body_sha256",
@@ -269,13 +278,16 @@ payments = AppGroup("payments", help="Payments and their timelines.")
 
 @payments.command("create")
 @click.option("--provider", type=click.Choice(PROVIDERS), required=True)
-@click.option("--order-id", required=True, help="The merchant's reference, unique per provider.")
+@click.option(
+    "--order-id", required=True, help="The merchant's reference, unique per provider account."
+)
 @click.option("--amount", required=True, help="Exact decimal, e.g. 10.00.")
 @click.option("--currency", required=True, help="What the amount is in, e.g. EUR.")
 @click.option("--pay-currency", help="The coin the customer pays in, where the provider asks.")
 @click.option("--description")
 @click.option("--customer-email")
 @click.option("--notify-url", help="Where this payment's own events go, beside the endpoints.")
+@click.option("--account", default="default", show_default=True, help="The merchant account.")
 @json_option
 def payments_create(
     provider: str,
@@ -286,6 +298,7 @@ def payments_create(
     description: str | None,
     customer_email: str | None,
     notify_url: str | None,
+    account: str,
     as_json: bool,
 ) -> None:
     """Create a payment at a provider and record it."""
@@ -301,6 +314,7 @@ def payments_create(
         "description": description,
         "customer_email": customer_email,
         "notify_url": notify_url,
+        "account": account,
     }
     try:
         request = creating.parse_create_request(fields, services().providers)
@@ -317,8 +331,9 @@ def payments_create(
     if as_json:
         click.echo(serialize.dumps(detail))
         return
+    where = provider if account == "default" else f"{provider} (account {account})"
     click.echo(
-        f"created {payment.id} at {provider}: pay {detail['pay_amount'] or '?'} "
+        f"created {payment.id} at {where}: pay {detail['pay_amount'] or '?'} "
         f"{detail['pay_currency'] or ''} to {payment.pay_address or payment.pay_url or '-'}"
         f" before {detail['expires_at'] or '-'}"
     )
@@ -338,6 +353,7 @@ def payments_show(reference: str, as_json: bool) -> None:
     for key in (
         "id",
         "provider",
+        "account",
         "order_id",
         "provider_payment_id",
         "status",
@@ -424,6 +440,7 @@ def anomalies_resolve(anomaly_id: int, resolution: str) -> None:
 @with_appcontext
 @click.argument("ids", nargs=-1, type=int)
 @provider_option
+@account_option
 @click.option("--status", type=notification_status)
 @since_option
 @until_option
@@ -433,6 +450,7 @@ def anomalies_resolve(anomaly_id: int, resolution: str) -> None:
 def replay(
     ids: Sequence[int],
     provider: str | None,
+    account: str | None,
     status: str | None,
     since: datetime | None,
     until: datetime | None,
@@ -443,13 +461,18 @@ def replay(
     """Run notifications through the same path again: by ids, or by filters (combined with AND).
     Safe: a notification already applied changes nothing the second time."""
     which = replays.ReplayFilter(
-        provider, NotificationStatus(status) if status else None, since, until
+        provider,
+        NotificationStatus(status) if status else None,
+        since,
+        until,
+        _account(account, provider),
     )
     if ids and which:
         raise click.UsageError("give ids or filters, not both")
     if not ids and not which:
         raise click.UsageError(
-            "give notification ids, or at least one of --provider, --status, --since, --until"
+            "give notification ids, or at least one of --provider, --account, --status, "
+            "--since, --until"
         )
     if ids:
         missing = sorted(set(ids) - replays.existing(services(), ids))
@@ -655,13 +678,32 @@ def _payment_by_reference(session: Session, reference: str) -> Payment:
         return payment
     found = session.scalars(select(Payment).where(Payment.order_id == reference)).all()
     if len(found) > 1:
-        names = ", ".join(f"{p.provider} ({p.id})" for p in found)
+        names = ", ".join(
+            f"{p.provider}{'' if p.account == 'default' else f' account {p.account}'} ({p.id})"
+            for p in found
+        )
         raise click.ClickException(
             f"order id {reference!r} is used at {names}: give the payment id"
         )
     if not found:
         raise click.ClickException(f"no payment with id or order id {reference!r}")
     return found[0]
+
+
+def _account(account: str | None, provider: str | None) -> str | None:
+    """A configured account's name (of `provider`, if given), or a usage error listing them."""
+    if account is None:
+        return None
+    settings = services().settings
+    providers = [provider] if provider else PROVIDERS
+    names = sorted({name for p in providers for name in settings.account_names(p)})
+    if account not in names:
+        raise click.BadParameter(
+            f"{account!r} is not an account{f' of {provider}' if provider else ''}; "
+            f"configured: {', '.join(names)}",
+            param_hint="--account",
+        )
+    return account
 
 
 def _keyset(query: Any, key: Any) -> Iterable[Any]:

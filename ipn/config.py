@@ -141,7 +141,8 @@ class CoinbarPaySettings:
 
 @dataclass(frozen=True)
 class CryptoProcessingSettings:
-    api_key: str | None = None
+    # Sent on every request beside its signature, so kept out of logs too.
+    api_key: str | None = field(default=None, repr=False)
     secret: str | None = field(default=None, repr=False)
     api_url: str = "https://app.cryptoprocessing.com"
     # `life_time_duration` sent with each payment request.

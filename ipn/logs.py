@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import fields
 from types import MappingProxyType
 from typing import IO, TYPE_CHECKING, Any
 
@@ -124,16 +125,12 @@ def secret_values(settings: Settings) -> list[str]:
         settings.secret_key,
         settings.alert_webhook_url,
         settings.events.webhook_secret,
-        settings.cubepay.client_secret,
-        settings.bitcoinpaygate.api_key_secret,
-        settings.bitcoinpaygate.hmac_key,
-        settings.coinbarpay.secret_key,
-        settings.coinbarpay.token_api_key,
-        settings.coinbarpay.token_secret,
-        settings.cryptoprocessing.api_key,
-        settings.cryptoprocessing.secret,
     ]
-    return [value for value in values if value]
+    for account in settings.all_accounts():
+        # An account's secrets are the fields it keeps out of its repr.
+        values += [getattr(account, item.name) for item in fields(account) if not item.repr]
+        values += [previous.secret for previous in account.previous_secrets]
+    return [value for value in values if isinstance(value, str) and value]
 
 
 def formatter(log_format: str) -> logging.Formatter:

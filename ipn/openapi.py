@@ -53,6 +53,8 @@ BOOLEAN: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time"}
 # Exact decimals as text: an amount never passes through a float.
 MONEY: Schema = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$"}
+# One of a provider's merchant accounts (IPN_ACCOUNTS_FILE); `default` is the environment's.
+ACCOUNT: Schema = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,39}$"}
 
 
 def _extended(base: Schema, properties: dict[str, Schema]) -> Schema:
@@ -95,6 +97,7 @@ SCHEMAS: dict[str, Schema] = {
         {
             "id": {"type": "string", "pattern": "^pay_[0-9a-hjkmnp-tv-z]{26}$"},
             "provider": {"enum": PROVIDERS},
+            "account": ACCOUNT,
             "order_id": {
                 **STRING,
                 "description": "The merchant's reference, sent to the provider.",
@@ -172,6 +175,7 @@ SCHEMAS: dict[str, Schema] = {
         {
             "id": INTEGER,
             "provider": STRING,
+            "account": ACCOUNT,
             "kind": {"enum": _values(NotificationKind)},
             "status": {"enum": _values(NotificationStatus)},
             "received_at": TIME,
@@ -180,6 +184,13 @@ SCHEMAS: dict[str, Schema] = {
             "last_error": _null(STRING),
             "outcome": _null(STRING),
             "payment_id": _null(STRING),
+            "verified_by": _null(
+                {
+                    **STRING,
+                    "description": "The secret that verified it: `current`, or a replaced one "
+                    "(`previous until <time>`); null when no signature was verified.",
+                }
+            ),
         }
     ),
     "NotificationReplay": _object(
@@ -392,7 +403,11 @@ CREATE_PAYMENT: Schema = {
     "type": "object",
     "properties": {
         "provider": {"enum": PROVIDERS},
-        "order_id": {**STRING, "description": "The merchant's reference; unique per provider."},
+        "account": {**ACCOUNT, "default": "default"},
+        "order_id": {
+            **STRING,
+            "description": "The merchant's reference; unique per provider account.",
+        },
         "amount": {
             "anyOf": [MONEY, {"type": "number"}],
             "description": "A positive decimal, no more places than the currency has.",
@@ -409,13 +424,15 @@ NOTIFICATION_FILTER: Schema = {
     "type": "object",
     "properties": {
         "provider": {"enum": PROVIDERS},
+        "account": ACCOUNT,
         "status": {"enum": _values(NotificationStatus)},
         "since": TIME_FILTER,
         "until": TIME_FILTER,
         "mode": {"enum": _values(ReplayMode), "default": "stored"},
         "dry_run": {**BOOLEAN, "default": False},
     },
-    "description": "At least one of provider, status, since, until; they combine with AND.",
+    "description": "At least one of provider, account, status, since, until; they combine "
+    "with AND.",
 }
 EVENT_FILTER: Schema = {
     "type": "object",
@@ -478,6 +495,7 @@ PATHS: dict[str, Schema] = {
             parameters=[
                 _query("order_id", STRING, "The merchant's reference."),
                 _query("provider", {"enum": PROVIDERS}, "The provider."),
+                _query("account", ACCOUNT, "One merchant account."),
                 _query("status", {"enum": _values(PaymentStatus)}, "The normalized status."),
                 _query("cursor", STRING, "The `next` of the previous page."),
                 LIMIT,
@@ -510,6 +528,7 @@ PATHS: dict[str, Schema] = {
             ("400",),
             parameters=[
                 _query("provider", {"enum": PROVIDERS}, "The provider."),
+                _query("account", ACCOUNT, "One merchant account."),
                 _query("status", {"enum": _values(NotificationStatus)}, "The status."),
                 SINCE,
                 UNTIL,
