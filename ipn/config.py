@@ -620,22 +620,24 @@ def _file_account(where: str, provider: str, name: str, table: dict[str, Any]) -
 
 def _as_variable(here: str, key: str, value: Any) -> str:
     """A TOML value as the text of the variable it stands for."""
-    if key == "allowed_ips" and isinstance(value, list):
-        if all(isinstance(item, str) for item in value):
+    if key == "allowed_ips":
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return ",".join(value)
-    elif key == "currency_ids" and isinstance(value, dict):
-        numbers = value.values()
+        raise ConfigurationError(
+            f'{here}: allowed_ips must be a list of networks, like ["203.0.113.0/24"]'
+        )
+    if key == "currency_ids":
+        numbers = value.values() if isinstance(value, dict) else [None]
         if all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
             return ",".join(f"{code}={number}" for code, number in value.items())
-    elif isinstance(value, str):
+        raise ConfigurationError(
+            f"{here}: currency_ids must be a table of currency ids, like {{EUR = 446}}"
+        )
+    if isinstance(value, str):
         return value
-    elif isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    shapes = {
-        "allowed_ips": 'a list of networks, like ["203.0.113.0/24"]',
-        "currency_ids": "a table of currency ids, like {EUR = 446}",
-    }
-    raise ConfigurationError(f"{here}: {key} must be {shapes.get(key, 'text')}")
+    raise ConfigurationError(f"{here}: {key} must be text")
 
 
 def _previous_secrets(here: str, entries: Any) -> tuple[PreviousSecret, ...]:
