@@ -49,7 +49,9 @@ def receive(provider: str, kind: str, account: str = DEFAULT_ACCOUNT) -> Respons
         CALLBACKS_REFUSED.labels(provider, "404").inc()
         return Response(f"no {provider} account {account!r}\n", status=404, mimetype="text/plain")
     try:
-        with bound(request_id=request_id, provider=provider, account=account):
+        # Only a named account is worth a word on every line.
+        named = None if account == DEFAULT_ACCOUNT else account
+        with bound(request_id=request_id, provider=provider, account=named):
             response = _receive(provider, kind, request_id, account)
     except RequestEntityTooLarge:
         CALLBACKS_REFUSED.labels(provider, "413").inc()

@@ -22,7 +22,15 @@ if TYPE_CHECKING:
     from ipn.config import Settings
 
 # The context a line may carry, in the order the text format shows it.
-CONTEXT_FIELDS = ("request_id", "provider", "notification_id", "payment_id", "order_id", "task_id")
+CONTEXT_FIELDS = (
+    "request_id",
+    "provider",
+    "account",
+    "notification_id",
+    "payment_id",
+    "order_id",
+    "task_id",
+)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(context)s"
 JSON_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 REDACTED = "[redacted]"

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from ipn.anomalies import open_anomaly
+from ipn.config import DEFAULT_ACCOUNT
 from ipn.errors import (
     ConcurrentUpdate,
     ForgedCallback,
@@ -360,7 +361,12 @@ def _claim(services: Services, notification_id: int, now: datetime) -> Claim | N
         row = session.get(Notification, notification_id, with_for_update=True)
         if row is None:
             return None
-        bind(request_id=row.request_id, provider=row.provider, payment_id=row.payment_id)
+        bind(
+            request_id=row.request_id,
+            provider=row.provider,
+            account=None if row.account == DEFAULT_ACCOUNT else row.account,
+            payment_id=row.payment_id,
+        )
         if row.status is not S.RECEIVED:
             return None
         row.attempts += 1

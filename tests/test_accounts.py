@@ -3,6 +3,7 @@ payments, and secrets replaced without losing what was signed with the old one."
 
 from __future__ import annotations
 
+import json
 import urllib.parse
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -540,3 +541,58 @@ def test_a_secret_in_the_accounts_file_never_reaches_the_logs(
     ):
         assert secret in values
     assert "eurclientid" not in values
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_the_command_line_filters_and_creates_by_account(
+    app: Flask, client: FlaskClient, services: Services
+) -> None:
+    default_row = post(client, app, "/ipn/cubepay", CUBEPAY_IPN)
+    eur_row = post(
+        client, app, "/ipn/cubepay/eur-shop", cubepay_ipn("eurclientid", "eurclientsecret")
+    )
+    cli = app.test_cli_runner()
+    listed = cli.invoke(args=["notifications", "list", "--account", "eur-shop", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = [json.loads(line) for line in listed.output.splitlines()]
+    assert [(row["id"], row["account"]) for row in rows] == [(eur_row, "eur-shop")]
+    replayed = cli.invoke(args=["replay", "--account", "default", "--dry-run", "--json"])
+    assert json.loads(replayed.output)["ids"] == [default_row]
+    shown = cli.invoke(args=["notifications", "show", str(eur_row)])
+    assert "account: eur-shop" in shown.output
+
+    for args in (
+        ["notifications", "list", "--account", "gbp-shop"],
+        ["replay", "--provider", "cryptoprocessing", "--account", "eur-shop"],
+    ):
+        refused = cli.invoke(args=args)
+        assert refused.exit_code == 2, args
+        assert "--account" in refused.output and "configured:" in refused.output
+    refused = cli.invoke(
+        args=[
+            "payments",
+            "create",
+            "--provider",
+            "cubepay",
+            "--account",
+            "gbp-shop",
+            "--order-id",
+            "1",
+            "--amount",
+            "5",
+            "--currency",
+            "TWD",
+            "--pay-currency",
+            "BTC",
+        ]
+    )
+    assert refused.exit_code == 2
+    assert "--account" in refused.output and "default, eur-shop" in refused.output
+
+    make_payment(services.db, order_id="1001")
+    make_payment(services.db, order_id="1001", account="eur-shop")
+    ambiguous = cli.invoke(args=["payments", "show", "1001"])
+    assert ambiguous.exit_code == 1
+    assert "cubepay account eur-shop" in ambiguous.output

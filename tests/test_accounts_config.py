@@ -344,3 +344,37 @@ def test_each_provider_verifies_with_a_replaced_secret_until_it_expires(provider
         replace(adapter.settings, previous_secrets=(), **documented)
     )
     assert current.read_callback(kind, body, headers).verified_by == "current"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(
+            [sys.executable, "-m", "gunicorn", "wsgi:app", "--bind", "127.0.0.1:0"], id="web"
+        ),
+        pytest.param([sys.executable, "-m", "celery", "-A", "workers.main", "worker"], id="worker"),
+        pytest.param([sys.executable, "-m", "celery", "-A", "workers.main", "beat"], id="beat"),
+    ],
+)
+def test_no_process_starts_on_a_wrong_file(argv: list[str], tmp_path: Path) -> None:
+    path = tmp_path / "accounts.toml"
+    path.write_text('[cubepay.shop]\nclient_id = "id"\nclient_secret = "s"\n[stripe.x]\n')
+    done = subprocess.run(
+        argv,
+        env={
+            "PATH": "/usr/bin:/bin",
+            **BASE_ENV,
+            "IPN_ACCOUNTS_FILE": str(path),
+            "IPN_DATA_DIR": str(tmp_path),
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert done.stderr.splitlines() == [
+        f"ipn: configuration error: IPN_ACCOUNTS_FILE {path}: [stripe] is not a provider "
+        "(known: cubepay, bitcoinpaygate, coinbarpay, cryptoprocessing)"
+    ]
