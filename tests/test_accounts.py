@@ -596,3 +596,59 @@ def test_the_command_line_filters_and_creates_by_account(
     ambiguous = cli.invoke(args=["payments", "show", "1001"])
     assert ambiguous.exit_code == 1
     assert "cubepay account eur-shop" in ambiguous.output
+
+
+# --- an existing deployment -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_rows_from_before_accounts_belong_to_the_default_account(kind: str, tmp_path: Path) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    from ipn import migrate
+    from ipn.db import Database
+
+    from conftest import _postgres_database
+
+    drop = None
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    else:
+        url, drop = _postgres_database(tmp_path)
+    db = Database(url)
+    try:
+        migrate.upgrade(db, "0008_alerts")
+        with db.engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO payments (id, provider, order_id, status, version, created_at,"
+                    " updated_at, expiry_inferred, adopted, checks, poll_failures, event_sequence)"
+                    " VALUES ('pay_old', 'cubepay', '1001', 'paid', 1, :now, :now, false, false,"
+                    " 0, 0, 0)"
+                ),
+                {"now": datetime.now(UTC)},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO provider_calls (provider, period, calls)"
+                    " VALUES ('cubepay', 'day:x', 7)"
+                )
+            )
+        migrate.upgrade(db)
+        with db.engine.begin() as connection:
+            assert (
+                connection.execute(text("SELECT account FROM payments")).scalar_one() == "default"
+            )
+            assert (
+                connection.execute(text("SELECT account FROM provider_calls")).scalar_one()
+                == "default"
+            )
+        # The same order id in another account is a payment of its own; in the same, refused.
+        make_payment(db, id="pay_eur", order_id="1001", account="eur-shop")
+        with pytest.raises(IntegrityError):
+            make_payment(db, id="pay_again", order_id="1001")
+    finally:
+        db.engine.dispose()
+        if drop:
+            drop()
