@@ -583,7 +583,11 @@ def load_accounts(path: Path, env: Mapping[str, str]) -> dict[str, dict[str, Pro
                 f"{where}: [{provider}.default] and the {provider.upper()}_* variables both "
                 f"define the account at /ipn/{provider}; keep one"
             )
-        _refuse_shared_credentials(where, provider, accounts.get(provider, {}))
+        named = dict(accounts.get(provider, {}))
+        from_env = _env_defines(provider, env)
+        if from_env:
+            named = {DEFAULT_ACCOUNT: _read_account(provider, _EnvReader(env)), **named}
+        _refuse_shared_credentials(where, provider, named, from_env)
     return accounts
 
 
@@ -662,16 +666,24 @@ def _previous_secrets(here: str, entries: Any) -> tuple[PreviousSecret, ...]:
 
 
 def _refuse_shared_credentials(
-    where: str, provider: str, accounts: Mapping[str, ProviderSettings]
+    where: str, provider: str, accounts: Mapping[str, ProviderSettings], env_default: bool
 ) -> None:
     """Two accounts with one client id would verify each other's callbacks: not two accounts."""
     key = _required_keys(provider)[0]
+
+    def named(name: str) -> str:
+        if name == DEFAULT_ACCOUNT and env_default:
+            return f"the {provider.upper()}_* variables"
+        return f"[{provider}.{name}]"
+
     seen: dict[str, str] = {}
     for name, settings in accounts.items():
         value = getattr(settings, key)
+        if value is None:
+            continue
         if value in seen:
             raise ConfigurationError(
-                f"{where}: [{provider}.{seen[value]}] and [{provider}.{name}] have the same {key}"
+                f"{where}: {named(seen[value])} and {named(name)} have the same {key}"
             )
         seen[value] = name
 

@@ -209,6 +209,14 @@ def test_the_environment_and_the_file_cannot_both_be_the_default_account(tmp_pat
     assert load(tmp_path, text).cubepay.client_id == "file-id"
 
 
+def test_an_account_of_the_file_cannot_share_the_environments_client(tmp_path: Path) -> None:
+    text = '[cubepay.eur]\nclient_id = "env-id"\nclient_secret = "other"\n'
+    with pytest.raises(
+        ConfigurationError, match=r"the CUBEPAY_\* variables and \[cubepay.eur\] have the same"
+    ):
+        load(tmp_path, text, CUBEPAY_CLIENT_ID="env-id", CUBEPAY_CLIENT_SECRET="s")
+
+
 def test_a_missing_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="cannot be read"):
         Settings.from_env({**BASE_ENV, "IPN_ACCOUNTS_FILE": str(tmp_path / "nowhere.toml")})
