@@ -1,11 +1,14 @@
-"""Data the console tests look at: a payment, a forged callback, a hostile one, an anomaly."""
+"""Data the console tests look at: a payment, a forged callback, a hostile one, an anomaly;
+inbox rows in bulk."""
 
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
@@ -13,7 +16,7 @@ from flask.testing import FlaskClient
 from ipn.anomalies import open_anomaly
 from ipn.processing import process_notification
 from ipn.services import Services
-from models import AnomalyKind, Notification, Payment
+from models import AnomalyKind, Notification, NotificationKind, NotificationStatus, Payment, utcnow
 
 from helpers import CUBEPAY_IPN, FORM, JSON, make_payment
 
@@ -85,3 +88,36 @@ def notification_row(services: Services, notification_id: int) -> Notification:
         row = session.get(Notification, notification_id)
         assert row is not None
         return row
+
+
+def add_rows(services: Services, count: int, **fields: Any) -> list[int]:
+    now = utcnow()
+    with services.db.transaction() as session:
+        rows = [
+            Notification(
+                provider=fields.get("provider", "cubepay"),
+                kind=NotificationKind.IPN,
+                received_at=now - timedelta(minutes=count - i),
+                headers={"Content-Type": "text/plain"},
+                body=f"row {i}".encode(),
+                body_sha256=f"{i:064x}",
+                status=fields.get("status", NotificationStatus.PROCESSED),
+                payment_id=fields.get("payment_id"),
+                account=fields.get("account", "default"),
+                verified_by=fields.get("verified_by"),
+            )
+            for i in range(count)
+        ]
+        session.add_all(rows)
+        session.flush()
+        return [row.id for row in rows]
+
+
+def ids_on(page: str) -> list[int]:
+    marker = 'href="/console/notifications/'
+    found = []
+    for part in page.split(marker)[1:]:
+        ref = part.split('"', 1)[0]
+        if ref.isdigit():
+            found.append(int(ref))
+    return list(dict.fromkeys(found))
