@@ -1,11 +1,11 @@
 """Data the console tests look at: a payment, a forged callback, a hostile one, an anomaly;
-inbox rows in bulk."""
+inbox rows in bulk, and an installation with a second shop."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -14,6 +14,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from ipn.anomalies import open_anomaly
+from ipn.config import CubePaySettings, Settings
 from ipn.processing import process_notification
 from ipn.services import Services
 from models import AnomalyKind, Notification, NotificationKind, NotificationStatus, Payment, utcnow
@@ -23,6 +24,7 @@ from helpers import CUBEPAY_IPN, FORM, JSON, make_payment
 SCRIPT = "<script>window.__x=1</script>"
 IMG = '"><img src=x onerror="window.__y=1">'
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+EUR_SHOP = "eur-shop"
 
 
 @dataclass
@@ -31,6 +33,14 @@ class Seeded:
     forged_id: int
     hostile_id: int
     anomaly_id: int
+
+
+def with_shops(settings: Settings) -> Settings:
+    """An operator with a second CubePay shop beside the environment's `default` account."""
+    eur_shop = replace(
+        CubePaySettings(client_id="eur-client", client_secret="eur-secret"), account=EUR_SHOP
+    )
+    return settings.with_changes(accounts={"cubepay": {EUR_SHOP: eur_shop}})
 
 
 def post_callback(client: FlaskClient, app: Flask, path: str, body: bytes, headers: dict) -> int:
