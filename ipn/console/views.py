@@ -340,6 +340,21 @@ def utc(value: datetime | str | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+@bp.app_template_filter("verified_by")
+def verified_by(label: str) -> str:
+    """Which of the account's secrets verified a callback, in words: a replaced one is known
+    by the end of its validity (`PreviousSecret.label`), never by the secret."""
+    if label == "current":
+        return "verified by the current secret"
+    until = label.removeprefix("previous until ")
+    if until == label:
+        return f"verified by {label}"
+    try:
+        return f"verified by a previous secret, valid until {utc(until)}"
+    except ValueError:
+        return f"verified by {label}"
+
+
 @bp.app_template_filter("pretty")
 def pretty(value: Any) -> str:
     """JSON for reading (autoescaped like any other text, never marked safe)."""

@@ -1,5 +1,6 @@
 """The console of an operator with several shops: the inbox, the payment list and bulk replay
-narrowed to one merchant account, and each row says whose it is."""
+narrowed to one merchant account; each row and detail page says whose it is, and a
+notification which of the account's secrets verified it."""
 
 from __future__ import annotations
 
@@ -95,3 +96,34 @@ def test_bulk_replay_by_account_replays_only_that_accounts_rows(
     with services.db.sessions() as session:
         replayed = session.scalars(select(NotificationReplay.notification_id)).all()
     assert sorted(replayed) == shop
+
+
+def test_detail_pages_show_the_account_and_the_secret_that_verified(
+    client: FlaskClient, services: Services
+) -> None:
+    payment = make_payment(services.db, account=EUR_SHOP)
+    [previous] = add_rows(
+        services,
+        1,
+        account=EUR_SHOP,
+        payment_id=payment.id,
+        verified_by="previous until 2027-01-31T00:00:00Z",
+    )
+    [current] = add_rows(services, 1, verified_by="current")
+    [unverified] = add_rows(services, 1, status=NotificationStatus.RECEIVED)
+    sign_in(client)
+
+    def field(path: str, name: str) -> str:
+        page = client.get(path).get_data(as_text=True)
+        return page.split(f"<dt>{name}</dt><dd", 1)[1].split("</dd>", 1)[0]
+
+    assert field(f"/console/payments/{payment.id}", "account") == f">{EUR_SHOP}"
+    assert field(f"/console/notifications/{previous}", "account") == f">{EUR_SHOP}"
+    assert field(f"/console/notifications/{previous}", "signature").endswith(
+        ">verified by a previous secret, valid until 2027-01-31 00:00:00 UTC"
+    )
+    assert field(f"/console/notifications/{current}", "account") == ">default"
+    assert field(f"/console/notifications/{current}", "signature").endswith(
+        ">verified by the current secret"
+    )
+    assert "not verified" in field(f"/console/notifications/{unverified}", "signature")
