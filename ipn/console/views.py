@@ -26,7 +26,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from ipn import replay as replays
 from ipn import serialize
 from ipn.anomalies import resolve_anomaly
-from ipn.config import PROVIDERS
+from ipn.config import DEFAULT_ACCOUNT, PROVIDERS
 from ipn.console import SESSION_LIFETIME, accounts, csrf, queries
 from ipn.dispatch import enqueue
 from ipn.reconcile import check_payment
@@ -211,7 +211,7 @@ def bulk_preview() -> tuple[str, int] | str:
     if not which:
         return render_template(
             "console/bulk.html",
-            error="Choose at least one of provider, status, since or until.",
+            error="Choose at least one of provider, account, status, since or until.",
             args=_filter_args(request.args),
             mode=mode,
             ids=[],
@@ -233,7 +233,7 @@ def bulk_replay() -> tuple[str, int] | str:
     which = _inbox_filter(request.form).replay_filter
     mode = _mode(request.form.get("mode"))
     if not which:
-        abort(422, "Choose at least one of provider, status, since or until.")
+        abort(422, "Choose at least one of provider, account, status, since or until.")
     services = _services()
     ids = list(replays.matching_ids(services, which))
     done = replays.replay(services, ids, mode, _send, requested_by=_who().actor)
@@ -243,10 +243,17 @@ def bulk_replay() -> tuple[str, int] | str:
 @bp.get("/payments")
 def payments() -> str:
     reference = _text(request.args.get("q"))
+    account = _account(request.args.get("account"))
     before = _text(request.args.get("before"))
     with _services().db.sessions() as db:
-        page = queries.payments(db, reference, before)
-        return render_template("console/payments.html", page=page, q=reference or "")
+        page = queries.payments(db, reference, before, account=account)
+        return render_template(
+            "console/payments.html",
+            page=page,
+            q=reference or "",
+            account=account or "",
+            accounts=_account_names(),
+        )
 
 
 @bp.get("/payments/<payment_id>")
@@ -333,6 +340,21 @@ def utc(value: datetime | str | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+@bp.app_template_filter("verified_by")
+def verified_by(label: str) -> str:
+    """Which of the account's secrets verified a callback, in words: a replaced one is known
+    by the end of its validity (`PreviousSecret.label`), never by the secret."""
+    if label == "current":
+        return "verified by the current secret"
+    until = label.removeprefix("previous until ")
+    if until == label:
+        return f"verified by {label}"
+    try:
+        return f"verified by a previous secret, valid until {utc(until)}"
+    except ValueError:
+        return f"verified by {label}"
+
+
 @bp.app_template_filter("pretty")
 def pretty(value: Any) -> str:
     """JSON for reading (autoescaped like any other text, never marked safe)."""
@@ -413,6 +435,7 @@ def _inbox_filter(args: Any) -> queries.InboxFilter:
         abort(400, f"Unknown provider {provider!r}.")
     return queries.InboxFilter(
         provider=provider,
+        account=_account(args.get("account")),
         kind=_enum(NotificationKind, args.get("kind")),
         status=_enum(NotificationStatus, args.get("status")),
         since=_time(args.get("since"), "since"),
@@ -422,13 +445,29 @@ def _inbox_filter(args: Any) -> queries.InboxFilter:
 
 
 def _filter_args(args: Any) -> dict[str, str]:
-    names = ("provider", "kind", "status", "since", "until", "q")
+    names = ("provider", "account", "kind", "status", "since", "until", "q")
     return {name: args.get(name, "") for name in names if args.get(name)}
+
+
+def _account(value: str | None) -> str | None:
+    account = _text(value)
+    if account is not None and account not in _account_names():
+        abort(400, f"Unknown account {account!r}.")
+    return account
+
+
+def _account_names() -> list[str]:
+    """Every configured account name, `default` first: one shop may have an account at each
+    provider under the same name, and the filter takes it across all of them."""
+    settings = _services().settings
+    names = {name for provider in PROVIDERS for name in settings.account_names(provider)}
+    return [DEFAULT_ACCOUNT, *sorted(names - {DEFAULT_ACCOUNT})]
 
 
 def _choices() -> dict[str, list[str]]:
     return {
         "providers": list(PROVIDERS),
+        "accounts": _account_names(),
         "kinds": [k.value for k in NotificationKind],
         "statuses": [s.value for s in NotificationStatus],
     }

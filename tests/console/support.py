@@ -1,25 +1,30 @@
-"""Data the console tests look at: a payment, a forged callback, a hostile one, an anomaly."""
+"""Data the console tests look at: a payment, a forged callback, a hostile one, an anomaly;
+inbox rows in bulk, and an installation with a second shop."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
 
 from ipn.anomalies import open_anomaly
+from ipn.config import CubePaySettings, Settings
 from ipn.processing import process_notification
 from ipn.services import Services
-from models import AnomalyKind, Notification, Payment
+from models import AnomalyKind, Notification, NotificationKind, NotificationStatus, Payment, utcnow
 
 from helpers import CUBEPAY_IPN, FORM, JSON, make_payment
 
 SCRIPT = "<script>window.__x=1</script>"
 IMG = '"><img src=x onerror="window.__y=1">'
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+EUR_SHOP = "eur-shop"
 
 
 @dataclass
@@ -28,6 +33,14 @@ class Seeded:
     forged_id: int
     hostile_id: int
     anomaly_id: int
+
+
+def with_shops(settings: Settings) -> Settings:
+    """An operator with a second CubePay shop beside the environment's `default` account."""
+    eur_shop = replace(
+        CubePaySettings(client_id="eur-client", client_secret="eur-secret"), account=EUR_SHOP
+    )
+    return settings.with_changes(accounts={"cubepay": {EUR_SHOP: eur_shop}})
 
 
 def post_callback(client: FlaskClient, app: Flask, path: str, body: bytes, headers: dict) -> int:
@@ -85,3 +98,36 @@ def notification_row(services: Services, notification_id: int) -> Notification:
         row = session.get(Notification, notification_id)
         assert row is not None
         return row
+
+
+def add_rows(services: Services, count: int, **fields: Any) -> list[int]:
+    now = utcnow()
+    with services.db.transaction() as session:
+        rows = [
+            Notification(
+                provider=fields.get("provider", "cubepay"),
+                kind=NotificationKind.IPN,
+                received_at=now - timedelta(minutes=count - i),
+                headers={"Content-Type": "text/plain"},
+                body=f"row {i}".encode(),
+                body_sha256=f"{i:064x}",
+                status=fields.get("status", NotificationStatus.PROCESSED),
+                payment_id=fields.get("payment_id"),
+                account=fields.get("account", "default"),
+                verified_by=fields.get("verified_by"),
+            )
+            for i in range(count)
+        ]
+        session.add_all(rows)
+        session.flush()
+        return [row.id for row in rows]
+
+
+def ids_on(page: str) -> list[int]:
+    marker = 'href="/console/notifications/'
+    found = []
+    for part in page.split(marker)[1:]:
+        ref = part.split('"', 1)[0]
+        if ref.isdigit():
+            found.append(int(ref))
+    return list(dict.fromkeys(found))

@@ -14,7 +14,17 @@ from flask import Flask
 from playwright.sync_api import Browser, Page
 from sqlalchemy import func, select
 
-from console.support import IMG, SCRIPT, Seeded, notification_row, seed
+from console.support import (
+    EUR_SHOP,
+    IMG,
+    SCRIPT,
+    Seeded,
+    add_rows,
+    notification_row,
+    seed,
+    with_shops,
+)
+from ipn.config import Settings
 from ipn.console import accounts
 from ipn.services import Services
 from models import (
@@ -55,6 +65,12 @@ def browser() -> Iterator[Browser]:
         )
         yield launched
         launched.close()
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # An operator with two shops, so that the account filter is on the page.
+    return with_shops(settings)
 
 
 @pytest.fixture
@@ -123,6 +139,15 @@ def test_an_operator_works_through_the_console(
     ids = p.locator("table.list tbody tr td:first-child").all_inner_texts()
     assert ids == [str(data.hostile_id)]
 
+    # The second shop's callback, and only it, under its account.
+    [shop_id] = add_rows(services, 1, account=EUR_SHOP)
+    p.goto("/console/notifications")
+    p.select_option("select[name=account]", EUR_SHOP)
+    p.click("button:has-text('Filter')")
+    ids = p.locator("table.list tbody tr td:first-child").all_inner_texts()
+    assert ids == [str(shop_id)]
+    assert EUR_SHOP in p.inner_text("table.list tbody tr")
+
     # Open the forged notification and replay it.
     p.goto("/console/notifications")
     p.click(f"a:text-is('{data.forged_id}')")
@@ -142,7 +167,8 @@ def test_an_operator_works_through_the_console(
     received_before = count(
         services, Notification, Notification.status == NotificationStatus.RECEIVED
     )
-    p.goto("/console/notifications?provider=cubepay")
+    # The other shop's cubepay callback stays out of it.
+    p.goto("/console/notifications?provider=cubepay&account=default")
     p.click("button:has-text('Bulk replay')")
     assert p.inner_text("#preview-count") == "1"
     assert count(services, NotificationReplay) == replays_before
