@@ -200,6 +200,8 @@ def notifications_list(
         _account(account, provider),
     )
     rows = _keyset(which.apply(select(Notification)), Notification.id)
+    # The account column only where there is more than one account to tell apart.
+    account_column = [("account", 12)] if services().settings.accounts else []
     _print(
         rows,
         serialize.notification,
@@ -207,6 +209,7 @@ def notifications_list(
         [
             ("id", 6),
             ("provider", 16),
+            *account_column,
             ("kind", 12),
             ("status", 9),
             ("received_at", 27),

@@ -562,6 +562,9 @@ def test_the_command_line_filters_and_creates_by_account(
     assert json.loads(replayed.output)["ids"] == [default_row]
     shown = cli.invoke(args=["notifications", "show", str(eur_row)])
     assert "account: eur-shop" in shown.output
+    table = cli.invoke(args=["notifications", "list", "--account", "eur-shop"]).output
+    assert table.split()[:4] == ["id", "provider", "account", "kind"]
+    assert table.splitlines()[1].split()[:3] == [str(eur_row), "cubepay", "eur-shop"]
 
     for args in (
         ["notifications", "list", "--account", "gbp-shop"],
