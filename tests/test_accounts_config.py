@@ -386,3 +386,33 @@ def test_no_process_starts_on_a_wrong_file(argv: list[str], tmp_path: Path) -> N
         f"ipn: configuration error: IPN_ACCOUNTS_FILE {path}: [stripe] is not a provider "
         "(known: cubepay, bitcoinpaygate, coinbarpay, cryptoprocessing)"
     ]
+
+
+def test_every_replaced_secret_still_valid_is_tried_in_turn() -> None:
+    settings = CubePaySettings(
+        client_id="exampleclientid",
+        client_secret="new-secret",
+        previous_secrets=(
+            PreviousSecret("another-old-one", UNTIL),
+            PreviousSecret("exampleclientsecret", UNTIL + timedelta(days=1)),
+        ),
+    )
+    callback = PROVIDER_CLASSES["cubepay"](settings).read_callback(
+        "ipn", CUBEPAY_IPN, FORM, received_at=NOW
+    )
+    assert callback.verified_by == "previous until 2027-01-01T00:00:00Z"
+
+
+def test_without_a_time_of_receipt_a_replaced_secret_is_judged_now() -> None:
+    def adapter(valid_until: datetime) -> Provider:
+        previous = (PreviousSecret("exampleclientsecret", valid_until),)
+        return PROVIDER_CLASSES["cubepay"](
+            CubePaySettings(
+                client_id="exampleclientid", client_secret="new", previous_secrets=previous
+            )
+        )
+
+    now = datetime.now(UTC)
+    assert adapter(now + timedelta(hours=1)).read_callback("ipn", CUBEPAY_IPN, FORM).verified_by
+    with pytest.raises(ForgedCallback):
+        adapter(now - timedelta(seconds=1)).read_callback("ipn", CUBEPAY_IPN, FORM)
