@@ -16,7 +16,7 @@ from sqlalchemy import select
 from ipn import openapi, payments, serialize
 from ipn import replay as replays
 from ipn.anomalies import resolve_anomaly
-from ipn.config import DEFAULT_ACCOUNT, PROVIDERS
+from ipn.config import DEFAULT_ACCOUNT
 from ipn.dispatch import enqueue
 from ipn.errors import InvalidPaymentRequest, ProviderError
 from ipn.services import Services
@@ -314,9 +314,7 @@ def _provider(value: Any) -> str:
 
 def _account(value: Any, provider: str | None) -> str:
     """A configured account's name: of `provider` if given, else of any provider."""
-    settings = _services().settings
-    providers = [provider] if provider else list(PROVIDERS)
-    names = sorted({name for p in providers for name in settings.account_names(p)})
+    names = _services().settings.names_of_accounts(provider)
     if not isinstance(value, str) or value not in names:
         where = f" of {provider}" if provider else ""
         raise BadRequest(f"account must be one of the accounts{where}: {', '.join(names)}")

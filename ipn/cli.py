@@ -697,9 +697,7 @@ def _account(account: str | None, provider: str | None) -> str | None:
     """A configured account's name (of `provider`, if given), or a usage error listing them."""
     if account is None:
         return None
-    settings = services().settings
-    providers = [provider] if provider else PROVIDERS
-    names = sorted({name for p in providers for name in settings.account_names(p)})
+    names = services().settings.names_of_accounts(provider)
     if account not in names:
         raise click.BadParameter(
             f"{account!r} is not an account{f' of {provider}' if provider else ''}; "

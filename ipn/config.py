@@ -309,6 +309,13 @@ class Settings:
     def account_names(self, provider: str) -> tuple[str, ...]:
         return (DEFAULT_ACCOUNT, *sorted(self.accounts.get(provider, {})))
 
+    def names_of_accounts(self, provider: str | None = None) -> list[str]:
+        """The account names of one provider, or of any (a shop may have an account at each
+        provider under one name): `default` first, then the others in order."""
+        providers = [provider] if provider else PROVIDERS
+        names = {name for p in providers for name in self.account_names(p)}
+        return [DEFAULT_ACCOUNT, *sorted(names - {DEFAULT_ACCOUNT})]
+
     def all_accounts(self) -> Iterator[ProviderSettings]:
         for provider in PROVIDERS:
             for name in self.account_names(provider):

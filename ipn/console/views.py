@@ -26,7 +26,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from ipn import replay as replays
 from ipn import serialize
 from ipn.anomalies import resolve_anomaly
-from ipn.config import DEFAULT_ACCOUNT, PROVIDERS
+from ipn.config import PROVIDERS
 from ipn.console import SESSION_LIFETIME, accounts, csrf, queries
 from ipn.dispatch import enqueue
 from ipn.reconcile import check_payment
@@ -457,11 +457,9 @@ def _account(value: str | None) -> str | None:
 
 
 def _account_names() -> list[str]:
-    """Every configured account name, `default` first: one shop may have an account at each
-    provider under the same name, and the filter takes it across all of them."""
-    settings = _services().settings
-    names = {name for provider in PROVIDERS for name in settings.account_names(provider)}
-    return [DEFAULT_ACCOUNT, *sorted(names - {DEFAULT_ACCOUNT})]
+    """Every configured account name, across providers: the filter takes a shop's name at
+    every provider it has an account with."""
+    return _services().settings.names_of_accounts()
 
 
 def _choices() -> dict[str, list[str]]:
