@@ -14,6 +14,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from ipn import replay
 from ipn.app import create_app
@@ -24,7 +25,14 @@ from ipn.processing import process_notification
 from ipn.providers.cubepay import sign
 from ipn.reconcile import check_payment, reconcile_due
 from ipn.services import Services
-from models import Notification, NotificationStatus, Payment, PaymentStatus, ReplayMode
+from models import (
+    MerchantEvent,
+    Notification,
+    NotificationStatus,
+    Payment,
+    PaymentStatus,
+    ReplayMode,
+)
 
 from conftest import PROVIDER_URL, Backend, clean
 from helpers import (
@@ -179,6 +187,12 @@ def test_each_account_has_its_callback_path_and_the_payment_knows_its_account(
 
     listed = client.get("/api/payments?account=eur-shop", headers=api_headers).get_json()
     assert [p["id"] for p in listed["items"]] == [made["eur-shop"]["id"]]
+    # The shop is told whose payment it is.
+    with services.db.sessions() as session:
+        created = session.scalars(
+            select(MerchantEvent).where(MerchantEvent.payment_id == made["eur-shop"]["id"])
+        ).one()
+    assert json.loads(created.body)["data"]["account"] == "eur-shop"
 
 
 def test_unknown_account_is_refused_naming_the_field(
