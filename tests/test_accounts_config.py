@@ -41,14 +41,15 @@ GOOD = """
 client_id = "eur-id"
 client_secret = "eur-secret"
 api_url = "https://eur.cubepay.test/"
-currency_ids = {EUR = 446}
-allowed_ips = ["203.0.113.0/24", "2001:db8::1"]
+currency_ids = {EUR = 446, GBP = 445}
+allowed_ips = ["203.0.113.7/24", "2001:db8::1"]
 poll_limit = "60/minute"
 previous_secrets = [{secret = "eur-old", valid_until = 2027-01-31T01:00:00+01:00}]
 
 [cubepay.usd-shop]
 client_id = "usd-id"
 client_secret = "usd-secret"
+poll_limit = "800/day"
 
 [coinbarpay.default]
 service_client_id = "coinbar-id"
@@ -75,12 +76,16 @@ def test_the_file_configures_named_accounts_beside_the_environments(tmp_path: Pa
     assert isinstance(eur, CubePaySettings)
     assert (eur.client_id, eur.client_secret, eur.account) == ("eur-id", "eur-secret", "eur-shop")
     assert eur.api_url == "https://eur.cubepay.test"
-    assert eur.currency_ids["EUR"] == 446 and eur.currency_ids["BTC"] == 2
+    assert (eur.currency_ids["EUR"], eur.currency_ids["GBP"], eur.currency_ids["BTC"]) == (
+        446,
+        445,
+        2,
+    )
     assert [str(n) for n in eur.allowed_ips] == ["203.0.113.0/24", "2001:db8::1/128"]
     assert eur.poll_limit == (60, "minute")
     assert eur.previous_secrets == (PreviousSecret("eur-old", datetime(2027, 1, 31, tzinfo=UTC)),)
     usd = settings.account("cubepay", "usd-shop")
-    assert usd.poll_limit is None and usd.previous_secrets == ()
+    assert usd.poll_limit == (800, "day") and usd.previous_secrets == ()
     assert usd.api_url == "https://api.cubepay.io"
     # A file's `default` is the account behind today's path when the environment has none.
     coinbar = settings.coinbarpay
@@ -151,6 +156,11 @@ WRONG = {
     "bad api url": (ACCOUNT + 'api_url = "ftp://x"\n', "api_url must be an http(s) URL"),
     "bad currency ids": (ACCOUNT + 'currency_ids = {EUR = "x"}\n', "currency_ids must be a table"),
     "bad poll limit": (ACCOUNT + 'poll_limit = "lots"\n', "poll_limit must look like 800/day"),
+    "poll limit a week": (ACCOUNT + 'poll_limit = "5/week"\n', "poll_limit must look like"),
+    "currency ids not a table": (
+        ACCOUNT + 'currency_ids = "EUR=446"\n',
+        "currency_ids must be a table",
+    ),
     "previous not a list": (
         ACCOUNT + 'previous_secrets = "old"\n',
         "previous_secrets must look like",
