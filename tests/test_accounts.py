@@ -111,6 +111,19 @@ def created_answer(payment_id: str, order_id: str) -> dict[str, Any]:
     }
 
 
+def create(client: FlaskClient, headers: dict[str, str], **fields: str) -> Any:
+    """POST /api/payments of a CubePay payment, `fields` on top of a valid one."""
+    body = {
+        "provider": "cubepay",
+        "order_id": "1001",
+        "amount": "500",
+        "currency": "TWD",
+        "pay_currency": "BTC",
+        **fields,
+    }
+    return client.post("/api/payments", json=body, headers=headers)
+
+
 def form(request: Any) -> dict[str, str]:
     return dict(urllib.parse.parse_qsl(request.body, keep_blank_values=True))
 
@@ -142,18 +155,7 @@ def test_each_account_has_its_callback_path_and_the_payment_knows_its_account(
     # The same order id in two shops is two payments, each created with its account's keys.
     made = {}
     for account in ("eur-shop", "default"):
-        answer = client.post(
-            "/api/payments",
-            json={
-                "provider": "cubepay",
-                "account": account,
-                "order_id": "1001",
-                "amount": "500",
-                "currency": "TWD",
-                "pay_currency": "BTC",
-            },
-            headers=api_headers,
-        )
+        answer = create(client, api_headers, account=account)
         assert answer.status_code == 201, answer.get_json()
         made[account] = answer.get_json()
     assert made["eur-shop"]["account"] == "eur-shop"
@@ -170,18 +172,7 @@ def test_each_account_has_its_callback_path_and_the_payment_knows_its_account(
     assert signed_by(sent[f"{EUR_URL}/payment/query"], "eurclientsecret")
 
     # Once per account: a second create of the same order in the same shop is a conflict.
-    again = client.post(
-        "/api/payments",
-        json={
-            "provider": "cubepay",
-            "account": "eur-shop",
-            "order_id": "1001",
-            "amount": "500",
-            "currency": "TWD",
-            "pay_currency": "BTC",
-        },
-        headers=api_headers,
-    )
+    again = create(client, api_headers, account="eur-shop")
     assert again.status_code == 409
     assert "account eur-shop" in again.get_json()["error"]
 
@@ -198,35 +189,13 @@ def test_each_account_has_its_callback_path_and_the_payment_knows_its_account(
 def test_unknown_account_is_refused_naming_the_field(
     client: FlaskClient, api_headers: dict[str, str], provider_api: Any
 ) -> None:
-    answer = client.post(
-        "/api/payments",
-        json={
-            "provider": "cubepay",
-            "account": "gbp-shop",
-            "order_id": "1",
-            "amount": "5",
-            "currency": "TWD",
-            "pay_currency": "BTC",
-        },
-        headers=api_headers,
-    )
+    answer = create(client, api_headers, account="gbp-shop")
     assert answer.status_code == 422
     assert answer.get_json()["field"] == "account"
     assert "default, eur-shop" in answer.get_json()["error"]
     assert len(provider_api.calls) == 0
     # An account of another provider is no account of this one.
-    answer = client.post(
-        "/api/payments",
-        json={
-            "provider": "cubepay",
-            "account": "usd-shop",
-            "order_id": "1",
-            "amount": "5",
-            "currency": "TWD",
-            "pay_currency": "BTC",
-        },
-        headers=api_headers,
-    )
+    answer = create(client, api_headers, account="usd-shop")
     assert answer.status_code == 422
     for query in (
         "/api/payments?account=gbp-shop",
@@ -487,25 +456,18 @@ def test_rotation_without_a_status_api_applies_what_the_old_secret_signed(
     secret that verified it is all there is between a forgery and a payment."""
     body = cryptoprocessing_callback("paid", received="0.0094", foreign_id="order-9")
     old = cryptoprocessing_headers(body, secret="usd-secret", key="usd-api-key")
-    stored = store_callback(
-        rotated.db,
-        "cryptoprocessing",
-        "callback",
-        body,
-        old,
-        None,
-        received_at=VALID_UNTIL - timedelta(hours=1),
-        account="usd-shop",
-    )
-    late = store_callback(
-        rotated.db,
-        "cryptoprocessing",
-        "callback",
-        body,
-        old,
-        None,
-        received_at=VALID_UNTIL + timedelta(hours=1),
-        account="usd-shop",
+    stored, late = (
+        store_callback(
+            rotated.db,
+            "cryptoprocessing",
+            "callback",
+            body,
+            old,
+            None,
+            received_at=VALID_UNTIL + hours,
+            account="usd-shop",
+        )
+        for hours in (timedelta(hours=-1), timedelta(hours=1))
     )
     assert process_notification(rotated, stored).status is NotificationStatus.PROCESSED
     assert notification(rotated.db, stored).verified_by == "previous until 2027-01-31T00:00:00Z"
