@@ -101,6 +101,13 @@ class Database:
         with self.sessions() as session, session.begin():
             yield session
 
+    def reading(self) -> Session:
+        """A session for reads outside any transaction: on PostgreSQL no BEGIN and no
+        ROLLBACK go with its statements (each sees what was committed when it ran)."""
+        if self.is_postgresql:
+            return Session(self.autocommit, expire_on_commit=False)
+        return self.sessions()
+
     def keyset(self, query: Select[Any], key: Any, page: int = 500) -> Iterator[Any]:
         """Every row `query` selects, in `key` order, a page at a time, each page in a session
         of its own: a long listing never holds a transaction open or sits in memory at once.
