@@ -291,8 +291,8 @@ def test_the_dispatcher_counts_its_queue_drops_and_failures(client: FlaskClient)
         held.append(notification_id)
         raise ConnectionError("broker down")
 
-    # No pause after a failure: every id reaches the broker, and fails there.
-    dispatcher = Dispatcher(refuse, capacity=1, what="test", pause=0)
+    # No pause after a failure and no batches: every id reaches the broker, and fails there.
+    dispatcher = Dispatcher(refuse, capacity=1, what="test", pause=0, linger=0)
     before = scrape(client)
     for notification_id in range(50):
         dispatcher.submit(notification_id)
