@@ -465,6 +465,10 @@ def open_loop(
 
     def one(i: int) -> None:
         due = start + i / rate
+        # gevent's timers count from the loop's cached clock, and may fire a little early.
+        early = due - time.monotonic()
+        if early > 0:
+            gevent.sleep(early)
         codes[i] = post(port, path, *requests[i])
         latencies[i] = time.monotonic() - due
 
