@@ -14,6 +14,7 @@ from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POOL_RECYCLE_SECONDS = 300
 
 
 def dumps(value: Any) -> str:
@@ -36,7 +37,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return _sqlite_engine(url, **kwargs)
     return create_engine(
         url,
-        pool_pre_ping=True,
+        # No ping before each checkout (a round trip per transaction): a connection the server
+        # dropped fails its first statement, which invalidates the whole pool (SQLAlchemy
+        # treats a disconnect that way), and the caller retries or answers 503. Recycling
+        # bounds the age of idle connections that a proxy or firewall may cut silently.
+        pool_pre_ping=False,
+        pool_recycle=POOL_RECYCLE_SECONDS,
         pool_size=5,
         max_overflow=5,
         json_serializer=dumps,
@@ -82,6 +88,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url, **kwargs)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # The same pool, for statements that commit by themselves (no BEGIN, no COMMIT).
+        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def is_postgresql(self) -> bool:
@@ -92,6 +100,13 @@ class Database:
         """A session inside one transaction: committed on success, rolled back on error."""
         with self.sessions() as session, session.begin():
             yield session
+
+    def reading(self) -> Session:
+        """A session for reads outside any transaction: on PostgreSQL no BEGIN and no
+        ROLLBACK go with its statements (each sees what was committed when it ran)."""
+        if self.is_postgresql:
+            return Session(self.autocommit, expire_on_commit=False)
+        return self.sessions()
 
     def keyset(self, query: Select[Any], key: Any, page: int = 500) -> Iterator[Any]:
         """Every row `query` selects, in `key` order, a page at a time, each page in a session

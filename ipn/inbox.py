@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from sqlalchemy import insert, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ipn.config import DEFAULT_ACCOUNT
@@ -36,25 +37,43 @@ def store_callback(
     request_id: str | None = None,
     account: str = DEFAULT_ACCOUNT,
 ) -> int:
-    """Commit one inbox row (one INSERT) and return its id. Nothing is parsed here."""
-    statement = (
-        insert(Notification)
-        .values(
-            provider=provider,
-            account=account,
-            kind=NotificationKind(kind),
-            received_at=received_at or utcnow(),
-            remote_addr=remote_addr,
-            headers=dict(headers),
-            body=body,
-            body_sha256=hashlib.sha256(body).hexdigest(),
-            status=NotificationStatus.RECEIVED,
-            request_id=request_id,
-        )
-        .returning(Notification.id)
-    )
+    """Commit one inbox row and return its id: on PostgreSQL one round trip (an autocommit
+    `INSERT ... RETURNING`). Nothing is parsed here.
+
+    A connection the server dropped (a restart) fails before the row could be written, and
+    the pool is invalidated with it: the INSERT is tried once more on a fresh connection. A
+    second failure raises, and the view answers 503."""
+    params = {
+        "provider": provider,
+        "account": account,
+        "kind": NotificationKind(kind),
+        "received_at": received_at or utcnow(),
+        "remote_addr": remote_addr,
+        "headers": dict(headers),
+        "body": body,
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "status": NotificationStatus.RECEIVED,
+        "request_id": request_id,
+    }
+    try:
+        return _insert(db, params)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        return _insert(db, params)
+
+
+# Built once: SQLAlchemy compiles it on first use and finds it in its cache afterwards.
+_STORE = insert(Notification).returning(Notification.id)
+
+
+def _insert(db: Database, params: dict[str, object]) -> int:
+    if db.is_postgresql:
+        # No BEGIN and no COMMIT around it: a single statement commits by itself.
+        with db.autocommit.connect() as connection:
+            return int(connection.execute(_STORE, params).scalar_one())
     with db.engine.begin() as connection:
-        return int(connection.execute(statement).scalar_one())
+        return int(connection.execute(_STORE, params).scalar_one())
 
 
 def settle(

@@ -202,7 +202,7 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
     if not callback.handled:
         return _settle(services, claim, S.IGNORED, callback.reason)
 
-    with services.db.sessions() as session:
+    with services.db.reading() as session:
         known = find_payment(session, provider.name, callback.ref, account=provider.account)
     if known is not None:
         bind(payment_id=known.id, order_id=known.order_id)
@@ -233,9 +233,15 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
         return _settle(services, claim, S.REJECTED, reason, error=reason)
 
     earlier = _paid_before(provider, callback, snapshot, known, now)
+    # The payment as read before the status query, taken into the first attempt as it is: its
+    # version is the compare-and-set of the UPDATE, so it is not read again. An attempt after a
+    # lost race reads it afresh, under lock.
+    held = [known]
 
     def apply(session: Session) -> Outcome:
         schedule = Schedule.from_settings(services.settings)
+        payment = session.merge(held.pop(), load=False) if held and held[0] else None
+        held.clear()
         if earlier is not None:
             # The provider signed that it was paid; its answer now says what followed.
             apply_snapshot(
@@ -244,6 +250,7 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
                 earlier,
                 Evidence(evidence.source, f"verified {claim.kind} #{claim.id}", claim.id),
                 now=now,
+                payment=payment,
                 ref=callback.ref,
                 may_adopt=may_adopt,
                 schedule=schedule,
@@ -254,6 +261,7 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
             snapshot,
             evidence,
             now=now,
+            payment=payment,
             ref=callback.ref,
             may_adopt=may_adopt,
             schedule=schedule,
@@ -357,43 +365,88 @@ def describe(exc: BaseException) -> str:
 
 
 def _claim(services: Services, notification_id: int, now: datetime) -> Claim | None:
-    with services.db.transaction() as session:
-        row = session.get(Notification, notification_id, with_for_update=True)
-        if row is None:
-            return None
+    """Count the attempt and read what the worker needs, in one statement that commits by
+    itself (one round trip on PostgreSQL): an attempt is counted even if the worker dies in it,
+    so a row that kills workers still runs out of attempts."""
+    last_replay = (
+        select(NotificationReplay.requested_by)
+        .where(NotificationReplay.notification_id == Notification.id)
+        .order_by(NotificationReplay.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    claim = (
+        update(Notification)
+        .where(Notification.id == notification_id, Notification.status == S.RECEIVED)
+        .values(
+            attempts=Notification.attempts + 1,
+            last_attempt_at=now,
+            next_attempt_at=now + services.settings.sweep_after,
+        )
+        .returning(
+            Notification.id,
+            Notification.provider,
+            Notification.kind,
+            Notification.body,
+            Notification.headers,
+            Notification.remote_addr,
+            Notification.replay_mode,
+            Notification.attempts,
+            last_replay,
+            Notification.account,
+            Notification.received_at,
+            Notification.request_id,
+            Notification.payment_id,
+        )
+    )
+    db = services.db
+    if db.is_postgresql:
+        with db.autocommit.connect() as connection:
+            row = connection.execute(claim).one_or_none()
+    else:
+        with db.engine.begin() as connection:
+            row = connection.execute(claim).one_or_none()
+    if row is None:
+        _bind_settled(services, notification_id)
+        return None
+    bind(
+        request_id=row.request_id,
+        provider=row.provider,
+        account=None if row.account == DEFAULT_ACCOUNT else row.account,
+        payment_id=row.payment_id,
+    )
+    return Claim(
+        row.id,
+        row.provider,
+        row.kind.value,
+        row.body,
+        dict(row.headers),
+        row.remote_addr,
+        row.replay_mode,
+        row.attempts,
+        row[8] if row.replay_mode is not None else None,
+        row.account,
+        row.received_at,
+    )
+
+
+def _bind_settled(services: Services, notification_id: int) -> None:
+    """A row already settled (a duplicate delivery): its lines still say whose it was."""
+    with services.db.sessions() as session:
+        row = session.execute(
+            select(
+                Notification.request_id,
+                Notification.provider,
+                Notification.account,
+                Notification.payment_id,
+            ).where(Notification.id == notification_id)
+        ).one_or_none()
+    if row is not None:
         bind(
             request_id=row.request_id,
             provider=row.provider,
             account=None if row.account == DEFAULT_ACCOUNT else row.account,
             payment_id=row.payment_id,
-        )
-        if row.status is not S.RECEIVED:
-            return None
-        row.attempts += 1
-        row.last_attempt_at = now
-        row.next_attempt_at = now + services.settings.sweep_after
-        replayed_by = (
-            session.scalar(
-                select(NotificationReplay.requested_by)
-                .where(NotificationReplay.notification_id == row.id)
-                .order_by(NotificationReplay.id.desc())
-                .limit(1)
-            )
-            if row.replay_mode is not None
-            else None
-        )
-        return Claim(
-            row.id,
-            row.provider,
-            row.kind.value,
-            row.body,
-            dict(row.headers),
-            row.remote_addr,
-            row.replay_mode,
-            row.attempts,
-            replayed_by,
-            row.account,
-            row.received_at,
         )
 
 

@@ -98,6 +98,7 @@ def test_too_large_and_unstored_callbacks_count_by_code(
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(services.db.engine, "begin", broken)
+    monkeypatch.setattr(services.db.autocommit, "connect", broken)
     assert client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM).status_code == 503
     monkeypatch.undo()
     after = scrape(client)
@@ -290,7 +291,8 @@ def test_the_dispatcher_counts_its_queue_drops_and_failures(client: FlaskClient)
         held.append(notification_id)
         raise ConnectionError("broker down")
 
-    dispatcher = Dispatcher(refuse, capacity=1, what="test")
+    # No pause after a failure and no batches: every id reaches the broker, and fails there.
+    dispatcher = Dispatcher(refuse, capacity=1, what="test", pause=0, linger=0)
     before = scrape(client)
     for notification_id in range(50):
         dispatcher.submit(notification_id)

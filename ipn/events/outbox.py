@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy import event as orm_event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -179,18 +179,29 @@ def remember(session: Session, deliveries: list[Delivery]) -> None:
 
 def endpoints_for(session: Session, payment_id: str | None) -> list[Endpoint]:
     """The enabled endpoints that hear events of this payment: every merchant-wide one, and the
-    payment's own notify_url."""
-    _keep_environment_endpoint(session)
+    payment's own notify_url. One query, which reads the environment's endpoint row too."""
     scope: ColumnElement[bool] = Endpoint.payment_id.is_(None)
     if payment_id is not None:
         scope = or_(scope, Endpoint.payment_id == payment_id)
-    found = session.scalars(
+    query = (
         select(Endpoint)
-        .where(Endpoint.deleted_at.is_(None), scope)
+        .where(or_(and_(Endpoint.deleted_at.is_(None), scope), Endpoint.id == ENVIRONMENT_ENDPOINT))
         .order_by(Endpoint.created_at, Endpoint.id)
     )
+    found = list(session.scalars(query))
+    environment = next((e for e in found if e.id == ENVIRONMENT_ENDPOINT), None)
+    if _keep_environment_endpoint(session, environment):
+        found = list(session.scalars(query))
     # The status is read in memory: a change in this transaction may not be flushed yet.
-    return [e for e in found if e.status is EndpointStatus.ENABLED]
+    return [
+        e
+        for e in found
+        if e.status is EndpointStatus.ENABLED and e.deleted_at is None and _in_scope(e, payment_id)
+    ]
+
+
+def _in_scope(endpoint: Endpoint, payment_id: str | None) -> bool:
+    return endpoint.payment_id is None or endpoint.payment_id == payment_id
 
 
 def _next_sequence(payment: Payment) -> int:
@@ -199,12 +210,11 @@ def _next_sequence(payment: Payment) -> int:
     return payment.event_sequence
 
 
-def _keep_environment_endpoint(session: Session) -> None:
+def _keep_environment_endpoint(session: Session, current: Endpoint | None) -> bool:
     """The endpoint row of IPN_MERCHANT_WEBHOOK_URL follows the environment: created when set,
-    its URL updated when changed, disabled when unset."""
+    its URL updated when changed, disabled when unset. True when it was just created."""
     settings: EventSettings | None = session.info.get(_SETTINGS)
     url = settings.webhook_url if settings else None
-    current = session.get(Endpoint, ENVIRONMENT_ENDPOINT)
     if current is None:
         if url:
             insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
@@ -222,7 +232,8 @@ def _keep_environment_endpoint(session: Session) -> None:
                 )
                 .on_conflict_do_nothing(index_elements=["id"])
             )
-        return
+            return True
+        return False
     if url and current.url != url:
         current.url = url
         current.updated_at = utcnow()
@@ -232,3 +243,4 @@ def _keep_environment_endpoint(session: Session) -> None:
     elif not url and current.status is EndpointStatus.ENABLED:
         current.status, current.disabled_reason = EndpointStatus.DISABLED, UNSET
         current.updated_at = utcnow()
+    return False
