@@ -44,7 +44,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         pool_pre_ping=False,
         pool_recycle=POOL_RECYCLE_SECONDS,
         pool_size=5,
-        max_overflow=5,
+        # Up to 16 at a busy moment: one for each thread of the Procfile's worker pool, so a
+        # thread never waits on another's connection.
+        max_overflow=11,
         json_serializer=dumps,
         **kwargs,
     )
