@@ -194,10 +194,13 @@ def judge(
 
     if not can_move(current, target, expiry_inferred=payment.expiry_inferred):
         more = money is not None and money > (payment.paid_amount or 0)
-        late = current in UNPAID_ENDS and (target in MONEY_SEEN or (target in UNPAID_ENDS and more))
+        # Money on a payment already ended unpaid is late, whatever the provider calls it now:
+        # still arriving, ended unpaid again, or already sent back (refunded).
+        ended = target in UNPAID_ENDS or target is P.REFUNDED
+        late = current in UNPAID_ENDS and (target in MONEY_SEEN or (ended and more))
         if late:
             key = f"late_payment:{payment.id}:{snapshot.provider_status}:{_plain(money)}"
-            received = f" with {_plain(money)} received" if target in UNPAID_ENDS else ""
+            received = f" with {_plain(money)} received" if ended else ""
             detail = (
                 f"{status_text} ({target.value}){received} after {current.value}: "
                 "late payment, no change, flagged for review"
@@ -208,10 +211,10 @@ def judge(
                     Finding(AnomalyKind.LATE_PAYMENT, key, detail, _proof(snapshot)),
                     money,
                 ),
-                # Money on an unpaid end is kept with the provider's status, so that its next
-                # copy is nothing new.
-                takes_snapshot=target in UNPAID_ENDS,
-                expiry_inferred=payment.expiry_inferred and target not in UNPAID_ENDS,
+                # Money on an end is kept with the provider's status, so that its next copy is
+                # nothing new; and an end the provider reports is no longer ours to overturn.
+                takes_snapshot=ended,
+                expiry_inferred=payment.expiry_inferred and not ended,
             )
         if current in UNPAID_ENDS and target in UNPAID_ENDS:
             # Another unpaid end from the provider itself: its word, not our clock, now ends

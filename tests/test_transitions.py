@@ -1382,3 +1382,35 @@ def test_adoption_takes_the_references_provider_id_and_says_so(services: Service
     )
     first = events(services.db, payment_id)[0]
     assert first.detail == "adopted: first seen through ipn #9"
+
+
+@pytest.mark.parametrize(
+    ("state", "inferred"),
+    [(P.EXPIRED, True), (P.EXPIRED, False), (P.CANCELLED, False), (P.FAILED, False)],
+)
+def test_money_refunded_after_an_unpaid_end_is_a_late_payment_kept(
+    state: PaymentStatus, inferred: bool
+) -> None:
+    """Paid after the payment had ended and sent back before we asked: the money came, so it is
+    recorded and flagged, and the provider's final word leaves no expiry of ours to overturn."""
+    held = Held(state, expiry_inferred=inferred, paid_amount=Decimal("0"))
+    told = reported_snapshot(provider_status="6", paid_amount=Decimal("0.01"))
+    change = judge(held, told, Decision(P.REFUNDED), EventSource.POLL)
+    assert label(change) == "L"
+    [finding] = change.findings
+    assert finding.key == "late_payment:pay_1:6:0.01"
+    assert finding.detail == (
+        f"status 6 (refunded) with 0.01 received after {state.value}: "
+        "late payment, no change, flagged for review"
+    )
+    assert (change.after, change.paid_amount) == (state, Decimal("0.01"))
+    assert change.takes_snapshot is True
+    assert change.expiry_inferred is False
+    # No money beyond what was seen: nothing to flag, and the payment stays as it ended.
+    same = judge(
+        Held(state, expiry_inferred=inferred, paid_amount=Decimal("0.01")),
+        told,
+        Decision(P.REFUNDED),
+        EventSource.POLL,
+    )
+    assert same.findings == () and same.after is state
