@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 LEASE = timedelta(minutes=5)
 CAS_ATTEMPTS = 5
 ERROR_LIMIT = 500
+# The answers of a batch are written together: as many as are ready, waiting at most this long
+# (wall time) for up to this many.
+WRITE_GATHER_SECONDS = 0.01
+WRITE_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -422,10 +426,24 @@ def _ask_and_write(
             return asked
 
     workers = min(services.settings.reconcile_concurrency, len(asking))
-    with ThreadPoolExecutor(workers, thread_name_prefix="reconcile") as pool:
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="reconcile") as pool,
+        services.db.engine.connect() as connection,
+        # One connection for the batch's writes: no pool checkout (and ping) per write.
+        services.db.sessions(bind=connection) as session,
+    ):
         pending = {pool.submit(ask, payment, provider) for payment, provider in asking}
         while pending:
             ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+            # A moment more for answers on their way: a write of many costs about one of one.
+            gathering = time.monotonic() + WRITE_GATHER_SECONDS
+            while pending and len(ready) < WRITE_GROUP and time.monotonic() < gathering:
+                more, pending = wait(
+                    pending,
+                    timeout=max(0.0, gathering - time.monotonic()),
+                    return_when=FIRST_COMPLETED,
+                )
+                ready |= more
             answers: list[_Asked] = []
             for future in ready:
                 outcome = future.result()
@@ -434,12 +452,16 @@ def _ask_and_write(
                 else:
                     answers.append(outcome)
             answers.sort(key=lambda asked: asked.now)
-            for asked, check in _write_answers(services, answers, schedule, lease):
+            for asked, check in _write_answers(services, session, answers, schedule, lease):
                 done(check, asked.provider.name)
 
 
 def _write_answers(
-    services: Services, answers: list[_Asked], schedule: Schedule, lease: str
+    services: Services,
+    session: Session,
+    answers: list[_Asked],
+    schedule: Schedule,
+    lease: str,
 ) -> list[tuple[_Asked, Check]]:
     """Apply answers to the payments as read for the batch, in one transaction: one statement
     locks those whose lease is still this batch's own and not run out, and each UPDATE is a
@@ -454,7 +476,7 @@ def _write_answers(
     results: dict[str, Check] = {}
     if fast:
         try:
-            with services.db.transaction() as session:
+            with session.begin():
                 # The leases still this batch's own, locked until the answers are written.
                 held = session.scalars(
                     select(Payment.id)
