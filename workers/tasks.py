@@ -47,9 +47,8 @@ def reconcile_due() -> str:
 
 
 def _send_batch(payment_ids: list[str], lease: str) -> None:
-    current_app.extensions["celery"].send_task(
-        RECONCILE_BATCH_TASK, args=[payment_ids, lease], retry=False
-    )
+    # A refused publish raises: enqueue_due releases the batch at once.
+    reconcile_batch.apply_async(args=[payment_ids, lease], retry=False)
 
 
 @shared_task(name=RECONCILE_BATCH_TASK)
