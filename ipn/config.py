@@ -251,6 +251,9 @@ class Settings:
     # anomalies (IPN_LATE_PAYMENT_WATCH_HOURS).
     late_payment_watch: timedelta = timedelta(hours=24)
     reconcile_batch: int = 200
+    # Status queries a batch has in flight at once (threads over each provider's keep-alive
+    # session); 1 asks one payment after another.
+    reconcile_concurrency: int = 8
     # Retention (`ipn prune`): the bytes of settled notifications and the customer data of
     # final payments are removed after this many days; rejected, failed and dead rows (the
     # evidence of something that went wrong) are kept for the longer of the two.
@@ -368,6 +371,9 @@ class Settings:
             poll_limits=reader.poll_limits("IPN_POLL_LIMITS", DEFAULT_POLL_LIMITS),
             late_payment_watch=timedelta(hours=reader.integer("IPN_LATE_PAYMENT_WATCH_HOURS", 24)),
             reconcile_batch=reader.integer("IPN_RECONCILE_BATCH", 200, minimum=1, maximum=5000),
+            reconcile_concurrency=reader.integer(
+                "IPN_RECONCILE_CONCURRENCY", 8, minimum=1, maximum=64
+            ),
             retention_days=reader.integer("IPN_RETENTION_DAYS", 90, minimum=1, maximum=36500),
             retention_failed_days=reader.integer(
                 "IPN_RETENTION_FAILED_DAYS", 365, minimum=1, maximum=36500

@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -25,7 +26,7 @@ from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from ipn.services import Services
 from ipn.transitions import Evidence, Verdict, apply_snapshot, expire_by_clock, record_note
-from models import EventSource, Payment, PaymentStatus, utcnow
+from models import EventSource, Payment, PaymentStatus, ProviderCalls, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 LEASE = timedelta(minutes=5)
 CAS_ATTEMPTS = 5
 ERROR_LIMIT = 500
+# The answers of a batch are written together: as many as are ready, waiting at most this long
+# (wall time) for up to this many.
+WRITE_GATHER_SECONDS = 0.01
+WRITE_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,9 @@ def reconcile_due(
     time_budget: float | None = None,
     on_check: Callable[[Check], None] | None = None,
 ) -> PassReport:
-    """One pass over the payments due by `now` (default: the pass's start), the longest overdue
-    first. Each batch is claimed with FOR UPDATE SKIP LOCKED under a lease of its own token:
+    """One pass in this process over the payments due by `now` (default: the pass's start), the
+    longest overdue first: a batch is claimed, then checked (`check_claimed`), until none is
+    left. Each batch is claimed with FOR UPDATE SKIP LOCKED under a lease of its own token:
     concurrent passes never check a payment twice. Each check runs at its own time and
     schedules the next one after it, past the pass's cut, so a pass asks about a payment once.
     The time budget is looked at before every payment; what a pass does not reach, and the
@@ -117,7 +123,7 @@ def reconcile_due(
     report = PassReport()
     started = time.monotonic()
     # The (provider, account) pairs whose call budget this pass has used up.
-    spent: set[tuple[str, str]] = set()
+    spent = spent_budgets(services, due_by)
 
     def out_of_time() -> bool:
         return time_budget is not None and time.monotonic() - started >= time_budget
@@ -126,31 +132,81 @@ def reconcile_due(
         batch = claim_due(services, due_by, provider=provider, exclude=spent)
         if not batch:
             break
-        try:
-            for claimed in batch:
-                if out_of_time():
-                    break
-                if (claimed.provider, claimed.account) in spent:
-                    report.skipped += 1
-                    report.skipped_budget += 1
-                    RECONCILE_CHECKS.labels(claimed.provider, "budget").inc()
-                    continue
-                check = check_payment(services, claimed.payment_id, lease=claimed.lease)
-                if check.outcome == "budget":
-                    spent.add((claimed.provider, claimed.account))
-                    report.skipped_budget += 1
-                if check.outcome != "deferred":
-                    RECONCILE_CHECKS.labels(claimed.provider, check.outcome).inc()
-                report.add(check)
-                if on_check:
-                    on_check(check)
-        finally:
-            # Whatever the batch did not finish goes back to the queue at once, not in 5 minutes.
-            _release(services, [claimed.payment_id for claimed in batch], batch[0].lease)
+        check_claimed(
+            services,
+            [claimed.payment_id for claimed in batch],
+            batch[0].lease,
+            report=report,
+            spent=spent,
+            out_of_time=out_of_time,
+            on_check=on_check,
+        )
     if report.checked or report.skipped:
         log.info("reconciliation pass: %s", report)
     observe_pass(report, time.monotonic() - started)
     return report
+
+
+def enqueue_due(
+    services: Services,
+    send: Callable[[list[str], str], None],
+    *,
+    now: datetime | None = None,
+    time_budget: float | None = None,
+) -> int:
+    """The beat's part of a pass: claim every payment due by `now` a batch at a time and hand
+    each batch (its ids and lease token) to `send`, for any worker to check with
+    `check_claimed`; how many payments were sent. Accounts whose call budget is spent are left
+    out. A batch the broker refuses is released at once; a batch whose worker dies keeps its
+    lease until it runs out, and is claimed again then."""
+    due_by = now or utcnow()
+    started = time.monotonic()
+    spent = spent_budgets(services, due_by)
+    sent = 0
+    while time_budget is None or time.monotonic() - started < time_budget:
+        batch = claim_due(services, due_by, exclude=spent)
+        if not batch:
+            break
+        ids = [claimed.payment_id for claimed in batch]
+        try:
+            send(ids, batch[0].lease)
+        except Exception:
+            _release(services, ids, batch[0].lease)
+            raise
+        sent += len(ids)
+    if sent:
+        log.info("reconciliation: %d due payments sent to be checked", sent)
+    return sent
+
+
+def spent_budgets(services: Services, now: datetime) -> set[tuple[str, str]]:
+    """The (provider, account) pairs whose call budget for the current period is used up."""
+    limits = {}
+    for adapter in [*services.providers.values(), *services.accounts.values()]:
+        limit = _call_limit(services, adapter)
+        if limit:
+            limits[(adapter.name, adapter.account)] = (
+                limit[0],
+                rate_limit.period_key(limit[1], now),
+            )
+    if not limits:
+        return set()
+    query = select(
+        ProviderCalls.provider, ProviderCalls.account, ProviderCalls.period, ProviderCalls.calls
+    ).where(ProviderCalls.period.in_({period for _, period in limits.values()}))
+    with services.db.sessions() as session:
+        rows = session.execute(query).all()
+    return {
+        (name, account)
+        for name, account, period, calls in rows
+        if (name, account) in limits
+        and limits[(name, account)][1] == period
+        and calls >= limits[(name, account)][0]
+    }
+
+
+def _call_limit(services: Services, provider: Provider) -> tuple[int, str] | None:
+    return provider.settings.poll_limit or services.settings.poll_limits.get(provider.name)
 
 
 def observe_pass(report: PassReport, seconds: float) -> None:
@@ -185,35 +241,305 @@ def claim_due(
     provider: str | None = None,
     exclude: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
 ) -> list[Claimed]:
-    """Claim the next batch of payments due by `now` that nobody holds: a fresh token and a lease
-    expiry written on each, in the transaction that selected them."""
+    """Claim the next batch of payments due by `now` that nobody holds, in one statement: a
+    fresh token and a lease expiry written on each."""
     token = secrets.token_hex(16)
     clock = utcnow()
-    with services.db.transaction() as session:
-        query = (
-            select(Payment.id, Payment.provider, Payment.account)
-            .where(Payment.next_check_at <= now)
-            .where(or_(Payment.leased_until.is_(None), Payment.leased_until <= clock))
-            .order_by(Payment.next_check_at, Payment.id)
-            .limit(services.settings.reconcile_batch)
-            .with_for_update(skip_locked=True)
+    due = (
+        select(Payment.id)
+        .where(Payment.next_check_at <= now)
+        .where(or_(Payment.leased_until.is_(None), Payment.leased_until <= clock))
+        .order_by(Payment.next_check_at, Payment.id)
+        .limit(services.settings.reconcile_batch)
+        .with_for_update(skip_locked=True)
+    )
+    if provider:
+        due = due.where(Payment.provider == provider)
+    if exclude:
+        due = due.where(tuple_(Payment.provider, Payment.account).not_in(sorted(exclude)))
+    statement = (
+        update(Payment)
+        .where(Payment.id.in_(due.scalar_subquery()))
+        .values(
+            lease_token=token,
+            leased_until=clock + lease_length(services),
         )
-        if provider:
-            query = query.where(Payment.provider == provider)
-        if exclude:
-            query = query.where(tuple_(Payment.provider, Payment.account).not_in(sorted(exclude)))
-        rows = [
-            Claimed(payment_id, name, account, token)
-            for payment_id, name, account in session.execute(query)
-        ]
-        if rows:
-            session.execute(
-                update(Payment)
-                .where(Payment.id.in_([row.payment_id for row in rows]))
-                .values(lease_token=token, leased_until=clock + lease_length(services))
-                .execution_options(synchronize_session=False)
+        .returning(Payment.id, Payment.provider, Payment.account, Payment.next_check_at)
+        .execution_options(synchronize_session=False)
+    )
+    with services.db.transaction() as session:
+        rows = sorted(session.execute(statement), key=lambda row: (row[3], row[0]))
+    return [Claimed(payment_id, name, account, token) for payment_id, name, account, _ in rows]
+
+
+@dataclass
+class _Asked:
+    """One status query made for a batch: what came back (a snapshot or the error), and when."""
+
+    payment: Payment
+    provider: Provider
+    now: datetime
+    snapshot: Snapshot | None = None
+    error: Exception | None = None
+
+
+def check_claimed(
+    services: Services,
+    payment_ids: list[str],
+    lease: str,
+    *,
+    report: PassReport | None = None,
+    spent: set[tuple[str, str]] | None = None,
+    out_of_time: Callable[[], bool] = lambda: False,
+    on_check: Callable[[Check], None] | None = None,
+) -> PassReport:
+    """Check one claimed batch: the payments read once, the call budget of each account taken
+    for all its payments in one statement, the status queries made concurrently (at most
+    `reconcile_concurrency` in flight), and each answer written once, as it arrives, together
+    with the others that arrived meanwhile, only while the lease is still this batch's own.
+    Whatever is left over goes back to the queue at once."""
+    report = report if report is not None else PassReport()
+    spent = spent if spent is not None else set()
+    schedule = Schedule.from_settings(services.settings)
+
+    def done(check: Check, provider: str) -> None:
+        if check.outcome == "budget":
+            report.skipped_budget += 1
+        if check.outcome != "deferred":
+            RECONCILE_CHECKS.labels(provider, check.outcome).inc()
+        report.add(check)
+        if on_check:
+            on_check(check)
+
+    try:
+        with services.db.sessions() as session:
+            payments = list(
+                session.scalars(
+                    select(Payment)
+                    .where(Payment.id.in_(payment_ids), Payment.lease_token == lease)
+                    .order_by(Payment.next_check_at, Payment.id)
+                )
             )
-        return rows
+        held = {payment.id for payment in payments}
+        for payment_id in payment_ids:
+            if payment_id not in held:
+                done(_lease_lost(payment_id), "unknown")
+        to_ask: dict[tuple[str, str], list[tuple[Payment, Provider]]] = {}
+        for payment in payments:
+            with bound(payment_id=payment.id, provider=payment.provider):
+                ready = _before_asking(services, payment, schedule, lease, spent)
+            if isinstance(ready, Check):
+                done(ready, payment.provider)
+            else:
+                to_ask.setdefault((payment.provider, payment.account), []).append((payment, ready))
+        asking: list[tuple[Payment, Provider]] = []
+        for (name, account), group in to_ask.items():
+            limit = _call_limit(services, group[0][1])
+            granted = len(group)
+            if limit:
+                granted = rate_limit.take_many(
+                    services.db, name, limit[0], limit[1], utcnow(), len(group), account=account
+                )
+            asking.extend(group[:granted])
+            if granted < len(group):
+                spent.add((name, account))
+                for payment, provider in group[granted:]:
+                    done(_budget_spent(payment.id, provider, limit), name)
+        _ask_and_write(services, asking, schedule, lease, out_of_time, done)
+    finally:
+        # Whatever the batch did not finish goes back to the queue at once, not in 5 minutes.
+        _release(services, payment_ids, lease)
+    return report
+
+
+def _before_asking(
+    services: Services,
+    payment: Payment,
+    schedule: Schedule,
+    lease: str,
+    spent: set[tuple[str, str]],
+) -> Provider | Check:
+    """The adapter to ask about a claimed payment with, or the check that needs no question."""
+    now = utcnow()
+    payment_id = payment.id
+    if (payment.provider, payment.account) in spent:
+        return Check(payment_id, "budget", f"{payment.provider} call budget is spent")
+    try:
+        if payment.status.is_terminal and schedule.next_check_at(payment, now) is None:
+            _reschedule(services, payment_id, None)
+            return Check(payment_id, "final", f"final: {payment.status.value}")
+        try:
+            provider = services.provider(payment.provider, payment.account)
+        except UnknownAccount as exc:
+            _reschedule(services, payment_id, now + timedelta(hours=1))
+            return Check(payment_id, "skipped", str(exc))
+        if not provider.configured:
+            _reschedule(services, payment_id, now + timedelta(hours=1))
+            return Check(payment_id, "skipped", f"{provider.name} is not configured")
+        if not provider.has_status_api:
+            return _settle_by_clock(services, payment, schedule, now, lease)
+    except Exception as exc:
+        error = describe_error(exc)
+        log.warning("reconciliation: payment %s failed: %s", payment_id, error)
+        _record_failure(services, payment_id, schedule, now, error, lease)
+        return Check(payment_id, "failed", error)
+    return provider
+
+
+def _budget_spent(payment_id: str, provider: Provider, limit: tuple[int, str] | None) -> Check:
+    whose = provider.name
+    if provider.account != DEFAULT_ACCOUNT:
+        whose += f"/{provider.account}"
+    assert limit is not None
+    return Check(payment_id, "budget", f"{whose} call budget of {limit[0]} a {limit[1]} is spent")
+
+
+def _ask_and_write(
+    services: Services,
+    asking: list[tuple[Payment, Provider]],
+    schedule: Schedule,
+    lease: str,
+    out_of_time: Callable[[], bool],
+    done: Callable[[Check, str], None],
+) -> None:
+    """The status queries on a bounded pool of threads; the answers written by this thread in
+    the order they arrive, each write taking every answer that is ready."""
+    if not asking:
+        return
+    bound_ = _call_bound(services)
+
+    def ask(payment: Payment, provider: Provider) -> _Asked | Check:
+        with bound(payment_id=payment.id, provider=payment.provider, order_id=payment.order_id):
+            if out_of_time():
+                return Check(payment.id, "deferred", "the pass is out of time")
+            now = utcnow()
+            if payment.leased_until is None or payment.leased_until - now < bound_:
+                # The answer might come after the lease ends and another pass has asked too.
+                return Check(payment.id, "deferred", "too little of the lease left to ask")
+            asked = _Asked(payment, provider, now)
+            try:
+                asked.snapshot = provider.fetch_status(
+                    PaymentRef(payment.order_id, payment.provider_payment_id)
+                )
+            except Exception as exc:
+                asked.error = exc
+            return asked
+
+    workers = min(services.settings.reconcile_concurrency, len(asking))
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="reconcile") as pool,
+        services.db.engine.connect() as connection,
+        # One connection for the batch's writes: no pool checkout (and ping) per write.
+        services.db.sessions(bind=connection) as session,
+    ):
+        pending = {pool.submit(ask, payment, provider) for payment, provider in asking}
+        while pending:
+            ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+            # A moment more for answers on their way: a write of many costs about one of one.
+            gathering = time.monotonic() + WRITE_GATHER_SECONDS
+            while pending and len(ready) < WRITE_GROUP and time.monotonic() < gathering:
+                more, pending = wait(
+                    pending,
+                    timeout=max(0.0, gathering - time.monotonic()),
+                    return_when=FIRST_COMPLETED,
+                )
+                ready |= more
+            answers: list[_Asked] = []
+            for future in ready:
+                outcome = future.result()
+                if isinstance(outcome, Check):
+                    done(outcome, "unknown")
+                else:
+                    answers.append(outcome)
+            answers.sort(key=lambda asked: asked.now)
+            for asked, check in _write_answers(services, session, answers, schedule, lease):
+                done(check, asked.provider.name)
+
+
+def _write_answers(
+    services: Services,
+    session: Session,
+    answers: list[_Asked],
+    schedule: Schedule,
+    lease: str,
+) -> list[tuple[_Asked, Check]]:
+    """Apply answers to the payments as read for the batch, in one transaction: one statement
+    locks those whose lease is still this batch's own and not run out, and each UPDATE is a
+    compare-and-set on the version, so it fails if anything changed the payment since it was
+    read (a callback). If anything fails, each answer is applied on its own instead, from the
+    payment as it is now."""
+    fast = {
+        asked.payment.id: asked
+        for asked in answers
+        if asked.snapshot is not None and _lease_left(asked.payment)
+    }
+    results: dict[str, Check] = {}
+    if fast:
+        try:
+            with session.begin():
+                # The leases still this batch's own, locked until the answers are written.
+                held = session.scalars(
+                    select(Payment.id)
+                    .where(
+                        Payment.id.in_(list(fast)),
+                        Payment.lease_token == lease,
+                        Payment.leased_until > utcnow(),
+                    )
+                    .with_for_update()
+                ).all()
+                for payment_id in held:
+                    asked = fast[payment_id]
+                    assert asked.snapshot is not None
+                    session.add(asked.payment)
+                    results[payment_id] = _apply(
+                        session,
+                        asked.payment,
+                        asked.provider,
+                        asked.snapshot,
+                        schedule,
+                        asked.now,
+                    )
+                for payment_id in set(fast) - set(held):
+                    results[payment_id] = _lease_lost(payment_id)
+        except Exception as exc:
+            results.clear()
+            log.debug("reconciliation: a batch write fell back to one at a time: %s", exc)
+    out = []
+    for asked in answers:
+        check = results.get(asked.payment.id)
+        if check is None:
+            with bound(payment_id=asked.payment.id, provider=asked.provider.name):
+                check = _write_one(services, asked, schedule, lease)
+        out.append((asked, check))
+    return out
+
+
+def _lease_left(payment: Payment) -> bool:
+    return payment.leased_until is not None and payment.leased_until > utcnow()
+
+
+def _write_one(services: Services, asked: _Asked, schedule: Schedule, lease: str) -> Check:
+    payment_id = asked.payment.id
+    if not _lease_left(asked.payment):
+        return Check(payment_id, "busy", "the lease ran out before the answer: it is not applied")
+    try:
+        if asked.error is not None:
+            if isinstance(asked.error, ProviderError):
+                error = str(asked.error)
+            else:
+                error = describe_error(asked.error)
+                log.warning("reconciliation: payment %s failed: %s", payment_id, error)
+            _record_failure(services, payment_id, schedule, asked.now, error, lease)
+            return Check(payment_id, "failed", error)
+        assert asked.snapshot is not None
+        return _apply_answer(
+            services, asked.provider, payment_id, asked.snapshot, schedule, asked.now, lease
+        )
+    except Exception as exc:
+        error = describe_error(exc)
+        log.warning("reconciliation: payment %s failed: %s", payment_id, error)
+        _record_failure(services, payment_id, schedule, asked.now, error, lease)
+        return Check(payment_id, "failed", error)
 
 
 def check_payment(
@@ -393,46 +719,59 @@ def _apply_answer(
                 assert payment is not None
                 if payment.lease_token != lease:
                     return _lease_lost(payment_id)
-                applied = apply_snapshot(
-                    session,
-                    provider,
-                    snapshot,
-                    Evidence(EventSource.POLL, "reconciliation status query"),
-                    now=now,
-                    payment=payment,
-                    schedule=schedule,
-                )
-                assert applied is not None
-                payment.checks += 1
-                payment.poll_failures = 0
-                payment.last_check_error = None
-                payment.last_checked_at = now
-                deadline = schedule.deadline(payment)
-                # Only an answer that says unpaid lets our clock decide: an unknown status, a
-                # refused `paid` or an answer about another payment is for review, not expiry.
-                if (
-                    applied.reported is PaymentStatus.PENDING
-                    and applied.verdict is not Verdict.REFUSE
-                    and payment.status is PaymentStatus.PENDING
-                    and deadline
-                    and now >= deadline
-                ):
-                    _expire(
-                        session,
-                        payment,
-                        now,
-                        f"past the deadline {deadline.isoformat()} and {provider.name} "
-                        f"still says {snapshot.provider_status}: expired by our clock",
-                        schedule,
-                    )
-                    return Check(payment_id, "expired", "expired by our clock")
-                payment.next_check_at = schedule.next_check_at(payment, now)
-                return Check(
-                    payment_id, "changed" if applied.changed else "unchanged", applied.summary
-                )
+                return _apply(session, payment, provider, snapshot, schedule, now)
         except StaleDataError:
             continue
     raise ConcurrentUpdate(f"payment {payment_id}: gave up after {CAS_ATTEMPTS} races")
+
+
+def _apply(
+    session: Session,
+    payment: Payment,
+    provider: Provider,
+    snapshot: Snapshot,
+    schedule: Schedule,
+    now: datetime,
+) -> Check:
+    """Apply one answer to a payment whose lease the caller holds, in the caller's transaction;
+    the lease ends with the same write."""
+    applied = apply_snapshot(
+        session,
+        provider,
+        snapshot,
+        Evidence(EventSource.POLL, "reconciliation status query"),
+        now=now,
+        payment=payment,
+        schedule=schedule,
+    )
+    assert applied is not None
+    payment.checks += 1
+    payment.poll_failures = 0
+    payment.last_check_error = None
+    payment.last_checked_at = now
+    payment.lease_token = None
+    payment.leased_until = None
+    deadline = schedule.deadline(payment)
+    # Only an answer that says unpaid lets our clock decide: an unknown status, a refused
+    # `paid` or an answer about another payment is for review, not expiry.
+    if (
+        applied.reported is PaymentStatus.PENDING
+        and applied.verdict is not Verdict.REFUSE
+        and payment.status is PaymentStatus.PENDING
+        and deadline
+        and now >= deadline
+    ):
+        _expire(
+            session,
+            payment,
+            now,
+            f"past the deadline {deadline.isoformat()} and {provider.name} "
+            f"still says {snapshot.provider_status}: expired by our clock",
+            schedule,
+        )
+        return Check(payment.id, "expired", "expired by our clock")
+    payment.next_check_at = schedule.next_check_at(payment, now)
+    return Check(payment.id, "changed" if applied.changed else "unchanged", applied.summary)
 
 
 def _settle_by_clock(

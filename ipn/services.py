@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import requests
-
 from ipn.config import DEFAULT_ACCOUNT, Settings
 from ipn.db import Database
 from ipn.errors import UnknownAccount
 from ipn.events import outbox
-from ipn.providers import Provider, build_accounts, build_providers
+from ipn.providers import Provider, build_accounts, build_providers, provider_sessions
 
 
 def _nowhere(delivery_ids: list[int]) -> None:
@@ -31,12 +29,12 @@ class Services:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
-        session = requests.Session()
+        sessions = provider_sessions(settings)
         services = cls(
             settings,
             Database(settings.database_url),
-            build_providers(settings, session),
-            build_accounts(settings, session),
+            build_providers(settings, sessions=sessions),
+            build_accounts(settings, sessions=sessions),
         )
         outbox.install(services.db.sessions, settings.events)
         outbox.wake_after_commit(

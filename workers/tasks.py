@@ -11,6 +11,8 @@ from ipn.events import delivery
 from ipn.services import Services
 
 RECONCILE_BUDGET_SECONDS = 50.0
+# One claimed batch of due payments, checked by whichever worker takes it.
+RECONCILE_BATCH_TASK = "ipn.reconcile_batch"
 # A retry this soon is queued with a countdown; later ones are found by `deliver_due`.
 SHORT_RETRY_SECONDS = 60
 
@@ -39,8 +41,19 @@ def sweep_inbox() -> str:
 
 @shared_task(name="ipn.reconcile_due")
 def reconcile_due() -> str:
-    # Stop claiming before the next beat: an unfinished pass is picked up by the next one.
-    return str(reconcile.reconcile_due(_services(), time_budget=RECONCILE_BUDGET_SECONDS))
+    # Stop claiming before the next beat: what is left is claimed by the next one.
+    sent = reconcile.enqueue_due(_services(), _send_batch, time_budget=RECONCILE_BUDGET_SECONDS)
+    return f"{sent} due payments sent to be checked"
+
+
+def _send_batch(payment_ids: list[str], lease: str) -> None:
+    # A refused publish raises: enqueue_due releases the batch at once.
+    reconcile_batch.apply_async(args=[payment_ids, lease], retry=False)
+
+
+@shared_task(name=RECONCILE_BATCH_TASK)
+def reconcile_batch(payment_ids: list[str], lease: str) -> str:
+    return str(reconcile.check_claimed(_services(), payment_ids, lease))
 
 
 def _send_delivery(delivery_id: int, countdown: float | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import requests
+import requests.adapters
 
 from ipn.config import DEFAULT_ACCOUNT, PROVIDERS, Settings
 from ipn.providers.base import Provider
@@ -17,26 +18,44 @@ PROVIDER_CLASSES: dict[str, type[Provider]] = {
 assert tuple(PROVIDER_CLASSES) == PROVIDERS
 
 
+def provider_sessions(settings: Settings) -> dict[str, requests.Session]:
+    """A keep-alive session per provider, its pool as large as a reconciliation batch's calls
+    in flight, so concurrent status queries reuse connections instead of opening new ones."""
+    sessions = {}
+    for name in PROVIDERS:
+        session = requests.Session()
+        size = max(10, settings.reconcile_concurrency)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=size)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        sessions[name] = session
+    return sessions
+
+
 def build_providers(
-    settings: Settings, session: requests.Session | None = None
+    settings: Settings,
+    session: requests.Session | None = None,
+    sessions: dict[str, requests.Session] | None = None,
 ) -> dict[str, Provider]:
-    """One adapter per provider, sharing one HTTP connection pool."""
-    session = session or requests.Session()
+    """One adapter per provider, on `session` if given, else on its provider's session."""
+    sessions = sessions or provider_sessions(settings)
     return {
-        name: cls(settings.provider(name), settings.http, session)
+        name: cls(settings.provider(name), settings.http, session or sessions[name])
         for name, cls in PROVIDER_CLASSES.items()
     }
 
 
 def build_accounts(
-    settings: Settings, session: requests.Session | None = None
+    settings: Settings,
+    session: requests.Session | None = None,
+    sessions: dict[str, requests.Session] | None = None,
 ) -> dict[tuple[str, str], Provider]:
-    """One adapter per further account, by (provider, account); the defaults are
-    `build_providers`'s."""
-    session = session or requests.Session()
+    """One adapter per further account, by (provider, account), on its provider's session;
+    the defaults are `build_providers`'s."""
+    sessions = sessions or provider_sessions(settings)
     return {
         (name, account): PROVIDER_CLASSES[name](
-            settings.account(name, account), settings.http, session
+            settings.account(name, account), settings.http, session or sessions[name]
         )
         for name in PROVIDERS
         for account in settings.account_names(name)
@@ -44,4 +63,10 @@ def build_accounts(
     }
 
 
-__all__ = ["PROVIDER_CLASSES", "Provider", "build_accounts", "build_providers"]
+__all__ = [
+    "PROVIDER_CLASSES",
+    "Provider",
+    "build_accounts",
+    "build_providers",
+    "provider_sessions",
+]
