@@ -365,25 +365,12 @@ def _before_asking(
     if (payment.provider, payment.account) in spent:
         return Check(payment_id, "budget", f"{payment.provider} call budget is spent")
     try:
-        if payment.status.is_terminal and schedule.next_check_at(payment, now) is None:
-            _reschedule(services, payment_id, None)
-            return Check(payment_id, "final", f"final: {payment.status.value}")
-        try:
-            provider = services.provider(payment.provider, payment.account)
-        except UnknownAccount as exc:
-            _reschedule(services, payment_id, now + timedelta(hours=1))
-            return Check(payment_id, "skipped", str(exc))
-        if not provider.configured:
-            _reschedule(services, payment_id, now + timedelta(hours=1))
-            return Check(payment_id, "skipped", f"{provider.name} is not configured")
-        if not provider.has_status_api:
-            return _settle_by_clock(services, payment, schedule, now, lease)
+        return _adapter_to_ask(services, payment, schedule, now, lease)
     except Exception as exc:
         error = describe_error(exc)
         log.warning("reconciliation: payment %s failed: %s", payment_id, error)
         _record_failure(services, payment_id, schedule, now, error, lease)
         return Check(payment_id, "failed", error)
-    return provider
 
 
 def _budget_spent(payment_id: str, provider: Provider, limit: tuple[int, str] | None) -> Check:
@@ -596,6 +583,28 @@ def _check_payment(
         _release(services, [payment_id], lease)
 
 
+def _adapter_to_ask(
+    services: Services, payment: Payment, schedule: Schedule, now: datetime, lease: str
+) -> Provider | Check:
+    """The adapter of the payment's account, or the check that ends without a question: final
+    for good, an account or provider not configured, or a provider without a status API (our
+    clock alone settles it)."""
+    if payment.status.is_terminal and schedule.next_check_at(payment, now) is None:
+        _reschedule(services, payment.id, None)
+        return Check(payment.id, "final", f"final: {payment.status.value}")
+    try:
+        provider = services.provider(payment.provider, payment.account)
+    except UnknownAccount as exc:
+        _reschedule(services, payment.id, now + timedelta(hours=1))
+        return Check(payment.id, "skipped", str(exc))
+    if not provider.configured:
+        _reschedule(services, payment.id, now + timedelta(hours=1))
+        return Check(payment.id, "skipped", f"{provider.name} is not configured")
+    if not provider.has_status_api:
+        return _settle_by_clock(services, payment, schedule, now, lease)
+    return provider
+
+
 def _check(
     services: Services, payment_id: str, schedule: Schedule, now: datetime, lease: str
 ) -> Check:
@@ -606,19 +615,9 @@ def _check(
     bind(provider=payment.provider, order_id=payment.order_id)
     if payment.lease_token != lease:
         return _lease_lost(payment_id)
-    if payment.status.is_terminal and schedule.next_check_at(payment, now) is None:
-        _reschedule(services, payment_id, None)
-        return Check(payment_id, "final", f"final: {payment.status.value}")
-    try:
-        provider = services.provider(payment.provider, payment.account)
-    except UnknownAccount as exc:
-        _reschedule(services, payment_id, now + timedelta(hours=1))
-        return Check(payment_id, "skipped", str(exc))
-    if not provider.configured:
-        _reschedule(services, payment_id, now + timedelta(hours=1))
-        return Check(payment_id, "skipped", f"{provider.name} is not configured")
-    if not provider.has_status_api:
-        return _settle_by_clock(services, payment, schedule, now, lease)
+    provider = _adapter_to_ask(services, payment, schedule, now, lease)
+    if isinstance(provider, Check):
+        return provider
     if payment.leased_until is None or payment.leased_until - now < _call_bound(services):
         # The answer might come after the lease ends and another pass has asked too.
         return Check(payment_id, "deferred", "too little of the lease left to ask")
