@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from traceback import format_exception
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import (
@@ -409,12 +409,7 @@ def _claim(services: Services, notification_id: int, now: datetime) -> Claim | N
     if row is None:
         _bind_settled(services, notification_id)
         return None
-    bind(
-        request_id=row.request_id,
-        provider=row.provider,
-        account=None if row.account == DEFAULT_ACCOUNT else row.account,
-        payment_id=row.payment_id,
-    )
+    _bind_row(row)
     return Claim(
         row.id,
         row.provider,
@@ -442,12 +437,17 @@ def _bind_settled(services: Services, notification_id: int) -> None:
             ).where(Notification.id == notification_id)
         ).one_or_none()
     if row is not None:
-        bind(
-            request_id=row.request_id,
-            provider=row.provider,
-            account=None if row.account == DEFAULT_ACCOUNT else row.account,
-            payment_id=row.payment_id,
-        )
+        _bind_row(row)
+
+
+def _bind_row(row: Any) -> None:
+    """The row's request, provider, named account and payment on every line logged for it."""
+    bind(
+        request_id=row.request_id,
+        provider=row.provider,
+        account=None if row.account == DEFAULT_ACCOUNT else row.account,
+        payment_id=row.payment_id,
+    )
 
 
 def _evidence(
