@@ -367,10 +367,7 @@ def _before_asking(
     try:
         return _adapter_to_ask(services, payment, schedule, now, lease)
     except Exception as exc:
-        error = describe_error(exc)
-        log.warning("reconciliation: payment %s failed: %s", payment_id, error)
-        _record_failure(services, payment_id, schedule, now, error, lease)
-        return Check(payment_id, "failed", error)
+        return _failed(services, payment_id, schedule, now, exc, lease)
 
 
 def _budget_spent(payment_id: str, provider: Provider, limit: tuple[int, str] | None) -> Check:
@@ -523,10 +520,7 @@ def _write_one(services: Services, asked: _Asked, schedule: Schedule, lease: str
             services, asked.provider, payment_id, asked.snapshot, schedule, asked.now, lease
         )
     except Exception as exc:
-        error = describe_error(exc)
-        log.warning("reconciliation: payment %s failed: %s", payment_id, error)
-        _record_failure(services, payment_id, schedule, asked.now, error, lease)
-        return Check(payment_id, "failed", error)
+        return _failed(services, payment_id, schedule, asked.now, exc, lease)
 
 
 def check_payment(
@@ -575,12 +569,25 @@ def _check_payment(
     try:
         return _check(services, payment_id, schedule, now, lease)
     except Exception as exc:
-        error = describe_error(exc)
-        log.warning("reconciliation: payment %s failed: %s", payment_id, error)
-        _record_failure(services, payment_id, schedule, now, error, lease)
-        return Check(payment_id, "failed", error)
+        return _failed(services, payment_id, schedule, now, exc, lease)
     finally:
         _release(services, [payment_id], lease)
+
+
+def _failed(
+    services: Services,
+    payment_id: str,
+    schedule: Schedule,
+    now: datetime,
+    exc: BaseException,
+    lease: str,
+) -> Check:
+    """A check that went wrong for a reason of its own: logged, kept on the payment, and
+    scheduled again like a provider error, so the pass goes on."""
+    error = describe_error(exc)
+    log.warning("reconciliation: payment %s failed: %s", payment_id, error)
+    _record_failure(services, payment_id, schedule, now, error, lease)
+    return Check(payment_id, "failed", error)
 
 
 def _adapter_to_ask(
