@@ -43,7 +43,7 @@ def callback_path(provider: str, kind: str, account: str = DEFAULT_ACCOUNT) -> s
 def receive(provider: str, kind: str, account: str = DEFAULT_ACCOUNT) -> Response:
     started = time.perf_counter()
     request_id = request_id_from(request.headers.get("X-Request-Id"))
-    if account not in current_app.extensions["ipn"].settings.account_names(provider):
+    if not current_app.extensions["ipn"].settings.has_account(provider, account):
         # Nothing stored: no credentials could ever verify it. Not 2xx, so a provider pointed
         # here by mistake keeps retrying until the account is configured.
         CALLBACKS_REFUSED.labels(provider, "404").inc()

@@ -309,6 +309,10 @@ class Settings:
             return self.provider(provider)
         return self.accounts.get(provider, {})[name]
 
+    def has_account(self, provider: str, name: str) -> bool:
+        """Whether the provider has an account of that name: a lookup, for every callback."""
+        return name == DEFAULT_ACCOUNT or name in self.accounts.get(provider, {})
+
     def account_names(self, provider: str) -> tuple[str, ...]:
         return (DEFAULT_ACCOUNT, *sorted(self.accounts.get(provider, {})))
 
