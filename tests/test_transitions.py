@@ -1361,6 +1361,22 @@ def test_a_snapshot_naming_nothing_finds_its_payment_by_the_callbacks_reference(
         assert applied is not None and applied.payment.id == payment.id
 
 
+def test_the_snapshots_own_reference_wins_over_the_callbacks(services: Services) -> None:
+    """The provider's answer names the payment: a callback reference naming nothing of ours
+    (another order id) does not lose it."""
+    payment = make_payment(services.db, created_at=AT, updated_at=AT)
+    with services.db.transaction() as session:
+        applied = apply_snapshot(
+            session,
+            services.provider("cubepay"),
+            cubepay_told("1"),
+            Evidence(EventSource.CALLBACK, "the test", None),
+            now=AT,
+            ref=PaymentRef("NOT-OURS"),
+        )
+        assert applied is not None and applied.payment.id == payment.id
+
+
 def test_adoption_takes_the_references_provider_id_and_says_so(services: Services) -> None:
     with services.db.transaction() as session:
         applied = apply_snapshot(
