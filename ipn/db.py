@@ -43,10 +43,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # bounds the age of idle connections that a proxy or firewall may cut silently.
         pool_pre_ping=False,
         pool_recycle=POOL_RECYCLE_SECONDS,
-        pool_size=5,
-        # Up to 16 at a busy moment: one for each thread of the Procfile's worker pool, so a
-        # thread never waits on another's connection.
-        max_overflow=11,
+        # Up to 16, opened as they are first needed and then kept: one for each thread of the
+        # Procfile's worker pool, so a thread never waits on another's connection. No overflow:
+        # a connection opened beyond the pool's size is closed again at its checkin, and under
+        # a burst the web process paid a connect and a close for most of its requests.
+        pool_size=16,
+        max_overflow=0,
         json_serializer=dumps,
         **kwargs,
     )
