@@ -4,23 +4,32 @@ stays `received` for the inbox sweeper."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
+import tempfile
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
+import redis
 from flask.testing import FlaskClient
-from sqlalchemy import event
+from psycopg.pq import Trace
+from sqlalchemy import event, select
 
 from ipn import create_app
 from ipn.config import Settings
 from ipn.db import Database
-from ipn.dispatch import Dispatcher
+from ipn.dispatch import Dispatcher, RedisPublisher, enqueue_many
 from ipn.inbox import store_callback
 from ipn.services import Services
 from ipn.sweeper import sweep_inbox
-from models import NotificationStatus, utcnow
+from models import Notification, NotificationKind, NotificationStatus, utcnow
 
-from conftest import count_notifications
+from conftest import Backend, count_notifications
 from helpers import CUBEPAY_IPN, FORM
 
 
@@ -134,26 +143,161 @@ def test_rows_never_published_are_swept(settings: Settings) -> None:
 
 
 def test_storing_a_callback_is_one_statement(settings: Settings) -> None:
-    """One statement; on PostgreSQL in autocommit, so no BEGIN or COMMIT goes with it, and no
-    ping before it."""
+    """One statement; on PostgreSQL one round trip in autocommit, counted in libpq's own trace
+    of the connection: no BEGIN, no COMMIT and no ping go with it."""
     db = Database(settings.database_url)
     statements: list[str] = []
+    traces: list[Path] = []
 
     @event.listens_for(db.engine, "before_cursor_execute")
     def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         statements.append(statement)
 
+    @event.listens_for(db.engine, "connect")
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        if db.is_postgresql:
+            path = Path(tempfile.mkdtemp()) / "libpq.trace"
+            traces.append(path)
+            dbapi_connection.pgconn.trace(os.open(path, os.O_WRONLY | os.O_CREAT))
+            dbapi_connection.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+
     try:
         store_callback(db, "cubepay", "ipn", b"a=1", {}, None)  # connects, reads the dialect
         statements.clear()
+        sizes = [path.stat().st_size for path in traces]
         notification_id = store_callback(db, "cubepay", "ipn", b"a=1", {}, "127.0.0.1")
-        # SQLite takes its write lock with a BEGIN IMMEDIATE of its own (ipn.db).
-        inserts = [s for s in statements if not s.startswith("BEGIN")]
-        assert len(inserts) == 1 and inserts[0].startswith("INSERT INTO notifications")
-        assert "RETURNING" in inserts[0]
-        if db.is_postgresql:
-            assert statements == inserts
-            assert db.engine.pool._pre_ping is False  # type: ignore[attr-defined]
         assert notification_id > 0
+        if not db.is_postgresql:
+            # SQLite takes its write lock with a BEGIN IMMEDIATE of its own (ipn.db).
+            inserts = [s for s in statements if not s.startswith("BEGIN")]
+            assert len(inserts) == 1 and inserts[0].startswith("INSERT INTO notifications")
+            assert "RETURNING" in inserts[0]
+            return
+        sent = []
+        for path, size in zip(traces, sizes, strict=True):
+            with open(path, "rb") as handle:
+                handle.seek(size)
+                lines = handle.read().decode("utf-8", "replace").splitlines()
+            sent += [line.split("\t")[2] for line in lines if line.startswith("F\t")]
+        # Each simple Query and each Sync of the extended protocol waits for the server once.
+        assert [m for m in sent if m in ("Query", "Sync")] == ["Sync"], sent
+        assert db.engine.pool._pre_ping is False  # type: ignore[attr-defined]
     finally:
         db.engine.dispose()
+
+
+def test_a_stored_callback_reads_back_as_it_arrived(settings: Settings) -> None:
+    """PostgreSQL's row is written by the driver's own statement, SQLite's by the model's: both
+    read back the same through the model."""
+    db = Database(settings.database_url)
+    received = utcnow() - timedelta(seconds=3)
+    headers = {"Content-Type": "application/json", "X-Odd": "caf\u00e9 \u0000 \\"}
+    body = b'{"amount": 1e999}\x00\xff'
+    try:
+        notification_id = store_callback(
+            db,
+            "cubepay",
+            "ipn",
+            body,
+            headers,
+            "203.0.113.9",
+            received_at=received,
+            request_id="req-1",
+            account="eur-shop",
+        )
+        with db.sessions() as session:
+            row = session.get(Notification, notification_id)
+            assert row is not None
+            stored = {c: getattr(row, c) for c in Notification.__table__.columns.keys()}
+    finally:
+        db.engine.dispose()
+    assert stored == {
+        "id": notification_id,
+        "provider": "cubepay",
+        "account": "eur-shop",
+        "kind": NotificationKind.IPN,
+        "received_at": received,
+        "remote_addr": "203.0.113.9",
+        "headers": headers,
+        "body": body,
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "status": NotificationStatus.RECEIVED,
+        "attempts": 0,
+        "last_attempt_at": None,
+        "next_attempt_at": None,
+        "last_error": None,
+        "last_traceback": None,
+        "outcome": None,
+        "processed_at": None,
+        "replay_mode": None,
+        "payment_id": None,
+        "pruned_at": None,
+        "request_id": "req-1",
+        "verified_by": None,
+    }
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_connection_the_server_dropped_costs_no_callback(backend: Backend) -> None:
+    """After a restart every idle connection is dead: the first INSERT fails on one, the pool
+    is thrown away, and the same INSERT goes through on a new connection."""
+    db = Database(backend.env["DATABASE_URL"])
+    try:
+        first = store_callback(db, "cubepay", "ipn", b"a=1", {}, None)
+        # Three idle connections in the pool, as a busy process has.
+        held = [db.engine.raw_connection() for _ in range(3)]
+        for connection in held:
+            connection.close()
+        with Database(backend.env["DATABASE_URL"]).engine.connect() as other:
+            killed = other.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).scalar_one()
+        assert killed >= 3
+        second = store_callback(db, "cubepay", "ipn", b"a=2", {}, None)
+        assert second > first
+        with db.sessions() as session:
+            bodies = session.scalars(select(Notification.body).order_by(Notification.id)).all()
+        assert bodies[-2:] == [b"a=1", b"a=2"]
+    finally:
+        db.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_published_messages_are_what_celery_itself_sends(backend: Backend) -> None:
+    """The callback view's publisher writes each message as `send_task` does, down to the
+    envelope's keys: only the fresh ids differ. A Celery upgrade that changes the format
+    fails here, not in production."""
+    queue = f"{backend.env['IPN_QUEUE']}-format"
+    app = create_app(backend.settings(IPN_QUEUE=queue))
+    client = redis.Redis.from_url(backend.env["REDIS_URL"])
+    try:
+        enqueue_many(app.extensions["celery"], [41])
+        (celery_sent,) = client.lrange(queue, 0, -1)
+        client.delete(queue)
+        RedisPublisher(backend.env["REDIS_URL"], queue)([41, 42, 43])
+        ours = client.lrange(queue, 0, -1)
+        # The workers' BRPOP takes from the right: first published, first processed.
+        assert [json.loads(client.rpop(queue))["headers"]["argsrepr"] for _ in ours] == [
+            "[41]",
+            "[42]",
+            "[43]",
+        ]
+    finally:
+        client.delete(queue)
+        client.close()
+
+    fresh = {"id", "root_id", "correlation_id", "delivery_tag", "reply_to", "origin"}
+
+    def comparable(raw: bytes) -> dict[str, Any]:
+        message = json.loads(raw)
+        message["body"] = json.loads(base64.b64decode(message["body"]))
+        for part in ("headers", "properties"):
+            message[part] = {k: ("<fresh>" if k in fresh else v) for k, v in message[part].items()}
+        return message
+
+    assert comparable(ours[-1]) == comparable(celery_sent)
+    headers = json.loads(ours[-1])["headers"]
+    assert (
+        headers["root_id"] == headers["id"] == json.loads(ours[-1])["properties"]["correlation_id"]
+    )
