@@ -7,7 +7,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ipn.config import Settings
-from ipn.dispatch import Dispatcher, batch_sender, delivery_sender
+from ipn.dispatch import Dispatcher, RedisPublisher, batch_sender, delivery_sender
 from ipn.logs import configure_logging
 from ipn.services import Services
 from workers.app import make_celery
@@ -31,7 +31,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     celery = make_celery(app, settings)
     app.extensions["celery"] = celery
-    app.extensions["ipn.dispatcher"] = Dispatcher(send_batch=batch_sender(celery))
+    publish = (
+        RedisPublisher(settings.redis_url, settings.queue)
+        if settings.redis_url
+        else batch_sender(celery)
+    )
+    app.extensions["ipn.dispatcher"] = Dispatcher(send_batch=publish)
     app.extensions["ipn.event_dispatcher"] = Dispatcher(
         delivery_sender(celery), what="event delivery"
     )
