@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import queue
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import insert, update
 from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from ipn.config import DEFAULT_ACCOUNT
@@ -19,6 +24,8 @@ from models import Notification, NotificationKind, NotificationStatus, utcnow
 
 ERROR_LIMIT = 4000
 TRACEBACK_LIMIT = 16000
+
+_T = TypeVar("_T")
 
 
 def storable(text: str, limit: int = ERROR_LIMIT) -> str:
@@ -39,8 +46,10 @@ def store_callback(
     request_id: str | None = None,
     account: str = DEFAULT_ACCOUNT,
 ) -> int:
-    """Commit one inbox row and return its id: on PostgreSQL one round trip (an autocommit
-    `INSERT ... RETURNING`). Nothing is parsed here.
+    """Commit one inbox row and return its id, once it is committed. Nothing is parsed here.
+
+    On PostgreSQL the rows of callbacks that arrive together are committed together: one
+    round trip and one commit for all of them (see `GroupCommit`).
 
     A connection the server dropped (a restart) fails before the row could be written, and
     the pool is invalidated with it: the INSERT is tried once more on a fresh connection. A
@@ -60,7 +69,7 @@ def store_callback(
             body,
             sha256,
         )
-        return _retried(_insert_postgresql, db, (*values, request_id))
+        return _committer(db).store((*values, request_id))
     params = {
         "provider": provider,
         "account": account,
@@ -76,7 +85,7 @@ def store_callback(
     return _retried(_insert, db, params)
 
 
-def _retried(insert: Callable[[Database, Any], int], db: Database, values: Any) -> int:
+def _retried(insert: Callable[[Database, Any], _T], db: Database, values: Any) -> _T:
     try:
         return insert(db, values)
     except DBAPIError as exc:
@@ -103,8 +112,10 @@ def _insert(db: Database, params: dict[str, object]) -> int:
         return int(connection.execute(_STORE, params).scalar_one())
 
 
-def _insert_postgresql(db: Database, values: tuple[object, ...]) -> int:
-    """One autocommit `INSERT ... RETURNING` on a pooled connection: no BEGIN, no COMMIT.
+def _insert_postgresql(db: Database, rows: list[tuple[object, ...]]) -> list[int]:
+    """The rows' `INSERT ... RETURNING`s in one pipeline on a pooled connection in autocommit:
+    no BEGIN, no COMMIT, one Sync, and so one round trip. The statements up to a Sync are one
+    implicit transaction: all the rows are committed, or none.
 
     Errors come back as SQLAlchemy's, a lost connection invalidating the pool as SQLAlchemy
     does on a disconnect (every idle connection is as dead as this one after a restart)."""
@@ -112,12 +123,18 @@ def _insert_postgresql(db: Database, values: tuple[object, ...]) -> int:
         # The pool's connect errors are the driver's own: SQLAlchemy wraps only its own calls.
         pooled = db.engine.raw_connection()
     except psycopg.Error as exc:
-        raise _wrapped(exc, values, lost=False) from exc
+        raise _wrapped(exc, lost=False) from exc
     driver: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+    ids: list[int] = []
     try:
         try:
             driver.autocommit = True
-            row = driver.execute(_STORE_SQL, values, prepare=True).fetchone()
+            with driver.cursor() as cursor:
+                cursor.executemany(_STORE_SQL, rows, returning=True)
+                while True:
+                    ids.append(cursor.fetchone()[0])  # type: ignore[index]
+                    if not cursor.nextset():
+                        break
         finally:
             if not driver.broken:
                 driver.autocommit = False
@@ -126,17 +143,114 @@ def _insert_postgresql(db: Database, values: tuple[object, ...]) -> int:
         if lost:
             pooled.invalidate(exc)
             db.engine.dispose(close=False)
-        raise _wrapped(exc, values, lost) from exc
+        raise _wrapped(exc, lost) from exc
     finally:
         pooled.close()
-    assert row is not None
-    return int(row[0])
+    return ids
 
 
-def _wrapped(exc: psycopg.Error, values: tuple[object, ...], lost: bool) -> StatementError:
-    # Never the parameters in the message: they hold the callback's body.
+class GroupCommit:
+    """Commits the inbox rows of callbacks that arrive together in one round trip.
+
+    Each request hands its row to a few writer threads per process and waits for its commit;
+    a free writer takes every row that queued up while the others were committing. So at a
+    trickle each row is committed on its own, as soon as it comes, and under load a commit
+    (PostgreSQL's WAL flush, a round trip, a pooled connection) serves many. A batch the
+    server refuses is tried again row by row, so one poison row fails only its own request."""
+
+    WRITERS = 4
+    MAX_ROWS = 64
+    # A writer thread ends after this long with nothing to write; the next row starts one.
+    IDLE_SECONDS = 5.0
+    # A request never waits longer than this for its commit: it answers 503 instead.
+    WAIT_SECONDS = 30.0
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._queue: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._writers = 0
+
+    def store(self, row: tuple[object, ...]) -> int:
+        slot = _Slot(row)
+        self._queue.put(slot)
+        with self._lock:
+            if self._pid != os.getpid():
+                # The writers of the process this one was forked from are not here.
+                self._pid, self._writers = os.getpid(), 0
+            if self._writers < self.WRITERS:
+                self._writers += 1
+                threading.Thread(target=self._run, name="ipn-inbox", daemon=True).start()
+        if not slot.done.wait(self.WAIT_SECONDS):
+            raise PoolTimeout(f"no commit of the inbox row within {self.WAIT_SECONDS}s")
+        if slot.error is not None:
+            raise slot.error
+        assert slot.id is not None
+        return slot.id
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = [self._queue.get(timeout=self.IDLE_SECONDS)]
+            except queue.Empty:
+                with self._lock:
+                    # A row put before the lock was taken is seen here; one put after it
+                    # finds a writer fewer and starts another.
+                    if self._queue.empty():
+                        self._writers -= 1
+                        return
+                continue
+            while len(batch) < self.MAX_ROWS:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Slot]) -> None:
+        try:
+            ids = _retried(_insert_postgresql, self._db, [slot.row for slot in batch])
+        except Exception as exc:
+            if len(batch) > 1 and not (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+                for slot in batch:
+                    self._commit([slot])
+                return
+            for slot in batch:
+                slot.error = exc
+                slot.done.set()
+            return
+        for slot, notification_id in zip(batch, ids, strict=True):
+            slot.id = notification_id
+            slot.done.set()
+
+
+class _Slot:
+    __slots__ = ("done", "error", "id", "row")
+
+    def __init__(self, row: tuple[object, ...]) -> None:
+        self.row = row
+        self.done = threading.Event()
+        self.id: int | None = None
+        self.error: BaseException | None = None
+
+
+_committers: weakref.WeakKeyDictionary[Database, GroupCommit] = weakref.WeakKeyDictionary()
+_committers_lock = threading.Lock()
+
+
+def _committer(db: Database) -> GroupCommit:
+    with _committers_lock:
+        committer = _committers.get(db)
+        if committer is None:
+            committer = _committers[db] = GroupCommit(db)
+        return committer
+
+
+def _wrapped(exc: psycopg.Error, lost: bool) -> StatementError:
+    # Never the parameters, even hidden: they hold the callbacks' bodies.
     return DBAPIError.instance(
-        _STORE_SQL, values, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost
+        _STORE_SQL, None, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost
     )
 
 

@@ -98,7 +98,7 @@ def test_too_large_and_unstored_callbacks_count_by_code(
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(services.db.engine, "begin", broken)
-    monkeypatch.setattr(services.db.autocommit, "connect", broken)
+    monkeypatch.setattr(services.db.engine, "raw_connection", broken)
     assert client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM).status_code == 503
     monkeypatch.undo()
     after = scrape(client)

@@ -144,8 +144,8 @@ def test_database_failure_is_503_never_success(
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(services.db.engine, "begin", broken)
-    # PostgreSQL stores in autocommit, through the same pool.
-    monkeypatch.setattr(services.db.autocommit, "connect", broken)
+    # PostgreSQL stores with the driver's own statement, on a connection of the same pool.
+    monkeypatch.setattr(services.db.engine, "raw_connection", broken)
     response = client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM)
     assert response.status_code == 503
     assert response.get_data() != b"success"
