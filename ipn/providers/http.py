@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 import weakref
 from datetime import timedelta
@@ -13,13 +14,6 @@ from urllib.parse import urlsplit
 
 import requests
 import urllib3
-from tenacity import (
-    retry,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 
 from ipn.config import HTTPSettings
 from ipn.errors import PaymentNotFound, ProviderRejected, ProviderUnavailable
@@ -52,15 +46,10 @@ def call_json(
     The whole call, retries and waits included, ends within `http.total_timeout` seconds plus
     at most one socket timeout.
     """
-    deadline = time.monotonic() + http.total_timeout
+    began = time.monotonic()
+    deadline = began + http.total_timeout
     where = f"{provider}: {method} {_path(url)}"
 
-    @retry(
-        retry=retry_if_exception_type(ProviderUnavailable),
-        stop=stop_after_attempt(attempts or http.attempts) | stop_after_delay(http.total_timeout),
-        wait=wait_exponential_jitter(multiplier=0.1, max=http.backoff_max),
-        reraise=True,
-    )
     def attempt() -> Any:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -112,7 +101,21 @@ def call_json(
                 time.perf_counter() - started
             )
 
-    return attempt()
+    tries = max(1, attempts or http.attempts)
+    for number in range(1, tries + 1):
+        try:
+            return attempt()
+        except ProviderUnavailable:
+            if number == tries or time.monotonic() - began >= http.total_timeout:
+                raise
+        time.sleep(backoff(number, http.backoff_max))
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def backoff(failures: int, longest: float) -> float:
+    """The wait after `failures` failed attempts: exponential from 0.1 s, up to a second of
+    jitter so that workers that failed together do not retry together, at most `longest`."""
+    return min(0.1 * 2 ** (failures - 1) + random.uniform(0, 1), longest)
 
 
 # What the environment says about each origin (proxies, CA bundle), by session: read once, as

@@ -1121,3 +1121,11 @@ def test_fetch_status_sends_the_session_headers_and_keeps_no_cookie(
     first, second = (call.request for call in mocked.calls)
     assert first.headers["User-Agent"] == "ipn-test"
     assert "Cookie" not in second.headers
+
+
+def test_the_wait_between_attempts_grows_and_is_bounded() -> None:
+    from ipn.providers.http import backoff
+
+    assert all(0.1 <= backoff(1, 10) <= 1.1 for _ in range(50))
+    assert all(0.4 <= backoff(3, 10) <= 1.4 for _ in range(50))
+    assert backoff(12, 0.5) == 0.5
