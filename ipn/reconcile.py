@@ -471,15 +471,20 @@ def _write_answers(
         try:
             with session.begin():
                 # The leases still this batch's own, locked until the answers are written.
-                held = session.execute(
-                    select(Payment.id, Payment.version)
-                    .where(
-                        Payment.id.in_(list(fast)),
-                        Payment.lease_token == lease,
-                        Payment.leased_until > utcnow(),
+                # Core, not the ORM: these rows are only compared, never loaded as payments.
+                held = (
+                    session.connection()
+                    .execute(
+                        select(Payment.id, Payment.version)
+                        .where(
+                            Payment.id.in_(list(fast)),
+                            Payment.lease_token == lease,
+                            Payment.leased_until > utcnow(),
+                        )
+                        .with_for_update()
                     )
-                    .with_for_update()
-                ).all()
+                    .all()
+                )
                 unchanged: list[dict[str, object]] = []
                 for payment_id, version in held:
                     asked = fast[payment_id]
@@ -900,12 +905,11 @@ def _reschedule(services: Services, payment_id: str, when: datetime | None) -> N
 
 def _release(services: Services, payment_ids: list[str], lease: str) -> None:
     """End a lease, only where it is still this one (another check may hold it by now)."""
-    with services.db.transaction() as session:
-        session.execute(
+    with services.db.engine.begin() as connection:
+        connection.execute(
             update(Payment)
             .where(Payment.id.in_(payment_ids), Payment.lease_token == lease)
             .values(lease_token=None, leased_until=None)
-            .execution_options(synchronize_session=False)
         )
 
 
