@@ -12,7 +12,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, tuple_, update
+from sqlalchemy import bindparam, func, or_, select, tuple_, update
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
@@ -25,7 +25,14 @@ from ipn.metrics import RECONCILE_CHECKS, RECONCILE_PASS_DURATION, RECONCILE_PAS
 from ipn.polling import Schedule
 from ipn.providers.base import PaymentRef, Provider, Snapshot
 from ipn.services import Services
-from ipn.transitions import Evidence, Verdict, apply_snapshot, expire_by_clock, record_note
+from ipn.transitions import (
+    Evidence,
+    Verdict,
+    apply_snapshot,
+    expire_by_clock,
+    judge,
+    record_note,
+)
 from models import EventSource, Payment, PaymentStatus, ProviderCalls, utcnow
 
 log = logging.getLogger(__name__)
@@ -448,10 +455,12 @@ def _write_answers(
     lease: str,
 ) -> list[tuple[_Asked, Check]]:
     """Apply answers to the payments as read for the batch, in one transaction: one statement
-    locks those whose lease is still this batch's own and not run out, and each UPDATE is a
-    compare-and-set on the version, so it fails if anything changed the payment since it was
-    read (a callback). If anything fails, each answer is applied on its own instead, from the
-    payment as it is now."""
+    locks those whose lease is still this batch's own and not run out, with their versions.
+    An answer that tells nothing new (`unchanged`) needs no transition: its check is recorded
+    with the others in one statement. Any other answer goes through the state machine, each
+    UPDATE a compare-and-set on the version. A payment whose version moved since it was read (a
+    callback), or a group whose write fails, is applied on its own instead, from the payment as
+    it is now."""
     fast = {
         asked.payment.id: asked
         for asked in answers
@@ -462,18 +471,41 @@ def _write_answers(
         try:
             with session.begin():
                 # The leases still this batch's own, locked until the answers are written.
-                held = session.scalars(
-                    select(Payment.id)
-                    .where(
-                        Payment.id.in_(list(fast)),
-                        Payment.lease_token == lease,
-                        Payment.leased_until > utcnow(),
+                # Core, not the ORM: these rows are only compared, never loaded as payments.
+                held = (
+                    session.connection()
+                    .execute(
+                        select(Payment.id, Payment.version)
+                        .where(
+                            Payment.id.in_(list(fast)),
+                            Payment.lease_token == lease,
+                            Payment.leased_until > utcnow(),
+                        )
+                        .with_for_update()
                     )
-                    .with_for_update()
-                ).all()
-                for payment_id in held:
+                    .all()
+                )
+                unchanged: list[dict[str, object]] = []
+                for payment_id, version in held:
                     asked = fast[payment_id]
                     assert asked.snapshot is not None
+                    if version != asked.payment.version:
+                        continue
+                    summary = _nothing_new(
+                        asked.payment, asked.provider, asked.snapshot, schedule, asked.now
+                    )
+                    if summary is not None:
+                        unchanged.append(
+                            {
+                                "b_id": payment_id,
+                                "b_version": version,
+                                "b_lease": lease,
+                                "b_now": asked.now,
+                                "b_next": schedule.next_check_at(asked.payment, asked.now),
+                            }
+                        )
+                        results[payment_id] = Check(payment_id, "unchanged", summary)
+                        continue
                     session.add(asked.payment)
                     results[payment_id] = _apply(
                         session,
@@ -483,7 +515,11 @@ def _write_answers(
                         schedule,
                         asked.now,
                     )
-                for payment_id in set(fast) - set(held):
+                if unchanged:
+                    written = session.connection().execute(_RECORD_UNCHANGED, unchanged)
+                    if written.rowcount != len(unchanged):
+                        raise ConcurrentUpdate("a payment changed while its check was written")
+                for payment_id in set(fast) - {payment_id for payment_id, _ in held}:
                     results[payment_id] = _lease_lost(payment_id)
         except Exception as exc:
             results.clear()
@@ -496,6 +532,48 @@ def _write_answers(
                 check = _write_one(services, asked, schedule, lease)
         out.append((asked, check))
     return out
+
+
+# A check whose answer told nothing new, recorded as `_apply` records it (the next check, the
+# lease ended, a new version), for many payments in one statement.
+_RECORD_UNCHANGED = (
+    update(Payment)
+    .where(
+        Payment.id == bindparam("b_id"),
+        Payment.version == bindparam("b_version"),
+        Payment.lease_token == bindparam("b_lease"),
+    )
+    .values(
+        checks=Payment.checks + 1,
+        poll_failures=0,
+        last_check_error=None,
+        last_checked_at=bindparam("b_now"),
+        lease_token=None,
+        leased_until=None,
+        next_check_at=bindparam("b_next"),
+        version=Payment.version + 1,
+    )
+)
+
+
+def _nothing_new(
+    payment: Payment, provider: Provider, snapshot: Snapshot, schedule: Schedule, now: datetime
+) -> str | None:
+    """The summary of an answer that changes nothing on the payment, as the state machine
+    judges it (no event, no anomaly, no expiry due); None for any other answer."""
+    decision = provider.decide(snapshot, payment, now)
+    change = judge(payment, snapshot, decision, EventSource.POLL)
+    if change.verdict is not Verdict.DUPLICATE or change.findings:
+        return None
+    deadline = schedule.deadline(payment)
+    if (
+        decision.state is PaymentStatus.PENDING
+        and payment.status is PaymentStatus.PENDING
+        and deadline
+        and now >= deadline
+    ):
+        return None
+    return change.summary
 
 
 def _lease_left(payment: Payment) -> bool:
@@ -827,12 +905,11 @@ def _reschedule(services: Services, payment_id: str, when: datetime | None) -> N
 
 def _release(services: Services, payment_ids: list[str], lease: str) -> None:
     """End a lease, only where it is still this one (another check may hold it by now)."""
-    with services.db.transaction() as session:
-        session.execute(
+    with services.db.engine.begin() as connection:
+        connection.execute(
             update(Payment)
             .where(Payment.id.in_(payment_ids), Payment.lease_token == lease)
             .values(lease_token=None, leased_until=None)
-            .execution_options(synchronize_session=False)
         )
 
 

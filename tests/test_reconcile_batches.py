@@ -23,7 +23,7 @@ from sqlalchemy import event, func, select
 from ipn import create_app, rate_limit
 from ipn.reconcile import check_claimed, claim_due, reconcile_due
 from ipn.services import Services
-from models import Payment, ProviderCalls
+from models import Payment, PaymentEvent, PaymentStatus, ProviderCalls
 
 from conftest import Backend, Worker, clean, wait_for
 from faults_support import forget_queue, unique_queue
@@ -281,3 +281,88 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     assert all(after[payment_id] >= 1 for payment_id in done)
     assert leased(backend) == 0
     app.extensions["ipn"].db.engine.dispose()
+
+
+def test_a_batch_records_an_answer_with_nothing_new_and_applies_the_others(
+    services: Services, backend: Backend, provider_api: responses.RequestsMock
+) -> None:
+    with time_machine.travel(START, tick=False):
+        ids = seed(backend, 3, now=START)
+        with backend.db.transaction() as session:
+            for payment in session.scalars(select(Payment)):
+                # As the last answer left them: `unpaid`, nothing received.
+                payment.provider_status = "0"
+                payment.paid_amount = Decimal("0")
+        versions = {payment_id: load_payment(services.db, payment_id).version for payment_id in ids}
+
+        def answer(request: Any) -> tuple[int, dict[str, str], bytes]:
+            provider_id = dict(parse_qsl(request.body))["id"]
+            # The last payment is being paid now; the others are as they were.
+            status = 1 if provider_id == f"C{2:019d}" else 0
+            body = cubepay_query_answer(
+                status, paid="0", payment_id=provider_id, order_id=f"fan-{int(provider_id[1:])}"
+            )
+            return 200, {}, body
+
+        provider_api.add_callback(responses.POST, CUBEPAY_QUERY, callback=answer)
+        batch = claim_due(services, START)
+        seen: list[Any] = []
+        check_claimed(
+            services,
+            [claimed.payment_id for claimed in batch],
+            batch[0].lease,
+            on_check=seen.append,
+        )
+    outcomes = {check.payment_id: check.outcome for check in seen}
+    assert outcomes == {ids[0]: "unchanged", ids[1]: "unchanged", ids[2]: "changed"}
+    for payment_id in ids:
+        after = load_payment(services.db, payment_id)
+        assert after.checks == 1 and after.last_checked_at == START
+        assert after.lease_token is None and after.leased_until is None
+        assert after.next_check_at is not None and after.next_check_at > START
+        # A new version, so that a callback's write of the payment as read fails and retries.
+        assert after.version > versions[payment_id]
+    assert [load_payment(services.db, payment_id).status.value for payment_id in ids] == [
+        "pending",
+        "pending",
+        "confirming",
+    ]
+    with backend.db.sessions() as session:
+        timeline = session.scalars(select(PaymentEvent.payment_id)).all()
+    assert ids[0] not in timeline and ids[1] not in timeline and ids[2] in timeline
+
+
+def test_an_answer_for_a_payment_moved_since_the_batch_read_it_is_applied_to_it_as_it_is(
+    services: Services, backend: Backend, provider_api: responses.RequestsMock
+) -> None:
+    with time_machine.travel(START, tick=False):
+        (payment_id,) = seed(backend, 1, now=START)
+        with backend.db.transaction() as session:
+            payment = session.get(Payment, payment_id)
+            assert payment is not None
+            payment.provider_status = "0"
+            payment.paid_amount = Decimal("0")
+
+        def answer(request: Any) -> tuple[int, dict[str, str], bytes]:
+            # A callback lands while the question is on its way: the payment is confirming.
+            with backend.db.transaction() as session:
+                moved = session.get(Payment, payment_id)
+                assert moved is not None
+                moved.status = PaymentStatus.CONFIRMING
+                moved.provider_status = "1"
+            return (
+                200,
+                {},
+                cubepay_query_answer(0, paid="0", payment_id="C" + "0" * 19, order_id="fan-0"),
+            )
+
+        provider_api.add_callback(responses.POST, CUBEPAY_QUERY, callback=answer)
+        batch = claim_due(services, START)
+        seen: list[Any] = []
+        check_claimed(services, [batch[0].payment_id], batch[0].lease, on_check=seen.append)
+    # The stale `unpaid` would move it backwards: not recorded as nothing new, and not applied.
+    assert [check.outcome for check in seen] == ["unchanged"]
+    assert "backwards" in seen[0].message
+    after = load_payment(services.db, payment_id)
+    assert after.status is PaymentStatus.CONFIRMING and after.provider_status == "1"
+    assert after.checks == 1 and after.lease_token is None

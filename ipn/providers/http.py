@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
+import weakref
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
-from tenacity import (
-    retry,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 
 from ipn.config import HTTPSettings
 from ipn.errors import PaymentNotFound, ProviderRejected, ProviderUnavailable
@@ -49,15 +46,10 @@ def call_json(
     The whole call, retries and waits included, ends within `http.total_timeout` seconds plus
     at most one socket timeout.
     """
-    deadline = time.monotonic() + http.total_timeout
+    began = time.monotonic()
+    deadline = began + http.total_timeout
     where = f"{provider}: {method} {_path(url)}"
 
-    @retry(
-        retry=retry_if_exception_type(ProviderUnavailable),
-        stop=stop_after_attempt(attempts or http.attempts) | stop_after_delay(http.total_timeout),
-        wait=wait_exponential_jitter(multiplier=0.1, max=http.backoff_max),
-        reraise=True,
-    )
     def attempt() -> Any:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -66,14 +58,11 @@ def call_json(
         outcome = "unreachable"
         try:
             try:
-                response = session.request(
+                response = send(
+                    session,
                     method,
                     url,
-                    timeout=(
-                        min(http.connect_timeout, remaining),
-                        min(http.read_timeout, remaining),
-                    ),
-                    stream=True,
+                    (min(http.connect_timeout, remaining), min(http.read_timeout, remaining)),
                     **kwargs,
                 )
                 try:
@@ -112,7 +101,68 @@ def call_json(
                 time.perf_counter() - started
             )
 
-    return attempt()
+    tries = max(1, attempts or http.attempts)
+    for number in range(1, tries + 1):
+        try:
+            return attempt()
+        except ProviderUnavailable:
+            if number == tries or time.monotonic() - began >= http.total_timeout:
+                raise
+        time.sleep(backoff(number, http.backoff_max))
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def backoff(failures: int, longest: float) -> float:
+    """The wait after `failures` failed attempts: exponential from 0.1 s, up to a second of
+    jitter so that workers that failed together do not retry together, at most `longest`."""
+    return min(0.1 * 2 ** (failures - 1) + random.uniform(0, 1), longest)
+
+
+# What the environment says about each origin (proxies, CA bundle), by session: read once, as
+# it does not change while the process runs.
+_ENVIRONMENT: weakref.WeakKeyDictionary[requests.Session, dict[str, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def send(
+    session: requests.Session,
+    method: str,
+    url: str,
+    timeout: tuple[float, float],
+    **kwargs: Any,
+) -> requests.Response:
+    """One request, streamed, through the session's transport adapter and its keep-alive pool.
+
+    `Session.request` costs more than the exchange itself on a fast network: it merges cookies,
+    hooks and the environment's proxy and netrc settings on every call. Here the session's
+    headers and auth are merged as it would, the environment (proxies, CA bundle) is read once
+    per origin, and neither cookies nor netrc are used: a provider's API is stateless and signed.
+    Redirects are not followed (a signed request goes only where it was addressed);
+    `read_answer` refuses them."""
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    known = _ENVIRONMENT.setdefault(session, {})
+    if origin not in known:
+        known[origin] = dict(
+            session.merge_environment_settings(
+                origin, session.proxies, True, session.verify, session.cert
+            )
+        )
+    headers = {**session.headers, **(kwargs.pop("headers", None) or {})}
+    request = requests.PreparedRequest()
+    request.prepare(
+        method=method,
+        url=url,
+        headers=headers,
+        auth=kwargs.pop("auth", None) or session.auth,
+        hooks={},
+        **kwargs,
+    )
+    started = time.perf_counter()
+    response = session.get_adapter(url).send(request, timeout=timeout, **known[origin])
+    response.elapsed = timedelta(seconds=time.perf_counter() - started)
+    return response
 
 
 def status_class(status: int) -> str:
@@ -158,6 +208,10 @@ def read_answer(response: requests.Response, provider: str) -> Any:
         raise PaymentNotFound(f"{where} answered 404: {error_message(response)}")
     if status >= 400:
         raise ProviderRejected(f"{where} answered {status}: {error_message(response)}")
+    if 300 <= status < 400:
+        # Not followed: the signed request was meant for this address only.
+        target = response.headers.get("Location", "nowhere")
+        raise ProviderRejected(f"{where} answered {status}, a redirect to {_clip(target)}")
     try:
         return json.loads(response.content.decode("utf-8"), parse_float=Decimal)
     except (UnicodeDecodeError, ValueError, RecursionError):

@@ -1088,3 +1088,44 @@ def test_create_errors_name_the_call_and_the_answer(
     with pytest.raises(error, match=message) as raised:
         cubepay.create_payment(payment_request())
     assert type(raised.value) is error
+
+
+def test_fetch_status_does_not_follow_a_redirect(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    # The signed form goes only where it was addressed, and a redirect is not worth retrying.
+    mocked.add(
+        responses.POST,
+        f"{API}/payment/query",
+        status=302,
+        headers={"Location": "https://elsewhere.example/payment/query"},
+    )
+    with pytest.raises(ProviderRejected, match=r"302, a redirect to https://elsewhere\.example"):
+        cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    assert len(mocked.calls) == 1
+
+
+def test_fetch_status_sends_the_session_headers_and_keeps_no_cookie(
+    cubepay: CubePay, mocked: responses.RequestsMock
+) -> None:
+    cubepay.session.headers["User-Agent"] = "ipn-test"
+    mocked.add(
+        responses.POST,
+        f"{API}/payment/query",
+        body=answer_text(CREATED),
+        headers={"Set-Cookie": "tracking=1; Path=/"},
+    )
+    add_query(mocked, answer_text(CREATED))
+    cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    cubepay.fetch_status(PaymentRef(provider_payment_id=CREATED["id"]))
+    first, second = (call.request for call in mocked.calls)
+    assert first.headers["User-Agent"] == "ipn-test"
+    assert "Cookie" not in second.headers
+
+
+def test_the_wait_between_attempts_grows_and_is_bounded() -> None:
+    from ipn.providers.http import backoff
+
+    assert all(0.1 <= backoff(1, 10) <= 1.1 for _ in range(50))
+    assert all(0.4 <= backoff(3, 10) <= 1.4 for _ in range(50))
+    assert backoff(12, 0.5) == 0.5
