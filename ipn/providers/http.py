@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import random
 import time
 import weakref
 from datetime import timedelta
@@ -14,6 +14,13 @@ from urllib.parse import urlsplit
 
 import requests
 import urllib3
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from ipn.config import HTTPSettings
 from ipn.errors import PaymentNotFound, ProviderRejected, ProviderUnavailable
@@ -46,8 +53,7 @@ def call_json(
     The whole call, retries and waits included, ends within `http.total_timeout` seconds plus
     at most one socket timeout.
     """
-    began = time.monotonic()
-    deadline = began + http.total_timeout
+    deadline = time.monotonic() + http.total_timeout
     where = f"{provider}: {method} {_path(url)}"
 
     def attempt() -> Any:
@@ -101,21 +107,22 @@ def call_json(
                 time.perf_counter() - started
             )
 
-    tries = max(1, attempts or http.attempts)
-    for number in range(1, tries + 1):
-        try:
-            return attempt()
-        except ProviderUnavailable:
-            if number == tries or time.monotonic() - began >= http.total_timeout:
-                raise
-        time.sleep(backoff(number, http.backoff_max))
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    return _retrying(attempts or http.attempts, http.total_timeout, http.backoff_max)(attempt)
 
 
-def backoff(failures: int, longest: float) -> float:
-    """The wait after `failures` failed attempts: exponential from 0.1 s, up to a second of
-    jitter so that workers that failed together do not retry together, at most `longest`."""
-    return min(0.1 * 2 ** (failures - 1) + random.uniform(0, 1), longest)
+@functools.lru_cache(maxsize=64)
+def _retrying(attempts: int, total_timeout: float, backoff_max: float) -> Retrying:
+    """The retry policy, built once per setting: building it for every call cost more than
+    the rest of the call's own work against a fast provider. Each call keeps its own state,
+    its clock included."""
+    return Retrying(
+        retry=retry_if_exception_type(ProviderUnavailable),
+        stop=stop_after_attempt(max(1, attempts)) | stop_after_delay(total_timeout),
+        # Exponential from 0.1 s with up to a second of jitter, so that workers that failed
+        # together do not retry together; never longer than backoff_max.
+        wait=wait_exponential_jitter(multiplier=0.1, max=backoff_max),
+        reraise=True,
+    )
 
 
 # What the environment says about each origin (proxies, CA bundle), by session: read once, as

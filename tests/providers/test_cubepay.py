@@ -1124,8 +1124,16 @@ def test_fetch_status_sends_the_session_headers_and_keeps_no_cookie(
 
 
 def test_the_wait_between_attempts_grows_and_is_bounded() -> None:
-    from ipn.providers.http import backoff
+    from tenacity import RetryCallState
 
-    assert all(0.1 <= backoff(1, 10) <= 1.1 for _ in range(50))
-    assert all(0.4 <= backoff(3, 10) <= 1.4 for _ in range(50))
-    assert backoff(12, 0.5) == 0.5
+    from ipn.providers.http import _retrying
+
+    def wait(policy: Any, failures: int) -> float:
+        state = RetryCallState(policy, None, (), {})
+        state.attempt_number = failures
+        return float(policy.wait(state))
+
+    policy = _retrying(5, 60, 10)
+    assert all(0.1 <= wait(policy, 1) <= 1.1 for _ in range(50))
+    assert all(0.4 <= wait(policy, 3) <= 1.4 for _ in range(50))
+    assert wait(_retrying(5, 60, 0.5), 12) == 0.5
