@@ -4,19 +4,33 @@ payment, its timeline line, the merchant's event and its deliveries, and the set
 from __future__ import annotations
 
 import json
+from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 import responses
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import event, select
+from sqlalchemy import event, inspect, select
 
 from ipn import applying
 from ipn.events import signing
+from ipn.polling import Schedule
 from ipn.processing import process_notification
+from ipn.providers.base import Snapshot
 from ipn.services import Services
-from models import Delivery, Endpoint, MerchantEvent, NotificationStatus, PaymentStatus, utcnow
+from ipn.transitions import Change, Verdict, take
+from models import (
+    Delivery,
+    Endpoint,
+    EventSource,
+    MerchantEvent,
+    NotificationStatus,
+    Payment,
+    PaymentStatus,
+    utcnow,
+)
 
 from helpers import (
     JSON,
@@ -135,3 +149,51 @@ def test_one_statement_writes_what_the_orm_writer_writes(
         # The payment made and the callback stored (2); then claimed, looked up, written with
         # its notification settled (3).
         assert len(statements) == 5
+
+
+def test_the_statement_sets_every_column_a_change_may_give_a_payment() -> None:
+    """`take` (the ORM writer's) may set no column the one statement leaves out."""
+    now = utcnow()
+    payment = Payment(
+        id="pay_1",
+        provider="bitcoinpaygate",
+        order_id="order-1",
+        status=PaymentStatus.PENDING,
+        expiry_inferred=True,
+        event_sequence=0,
+        created_at=now - timedelta(minutes=5),
+        updated_at=now - timedelta(minutes=5),
+    )
+    snapshot = Snapshot(
+        "CONFIRMED",
+        order_id="order-1",
+        provider_payment_id="bpg-1",
+        amount=Decimal("10.00"),
+        currency="USD",
+        pay_amount=Decimal("0.001"),
+        pay_currency="BTC",
+        paid_amount=Decimal("0.001"),
+        pay_address="bc1q",
+        pay_url="https://pay.example/1",
+        payment_uri="bitcoin:bc1q",
+        expires_at=now + timedelta(minutes=10),
+        as_of=now,
+    )
+    change = Change(
+        Verdict.MOVE,
+        PaymentStatus.PENDING,
+        PaymentStatus.PAID,
+        "paid",
+        takes_snapshot=True,
+        paid_amount=Decimal("0.001"),
+    )
+    take(payment, change, now, EventSource.CALLBACK, snapshot=snapshot, schedule=Schedule())
+    set_by_take = {
+        name
+        for name, attribute in inspect(payment).attrs.items()
+        if attribute.history.has_changes()
+    }
+    assert set_by_take - {"id", "provider", "order_id", "created_at"} <= set(
+        applying.PAYMENT_COLUMNS
+    )
+    assert {"status", "paid_amount", "pay_address", "snapshot_at", "next_check_at"} <= set_by_take
