@@ -5,9 +5,10 @@ beside the floor pipeline of bench/floor.py (an INSERT and an LPUSH per callback
 status GET and one UPDATE transaction per id) in the same run.
 
 Prints the backlog (rows still `received`) every second while the load runs and after it,
-and receipt -> processed latency (the row's `processed_at - received_at`, both written by the
-database's clients on this machine) over every callback. Every payment must end `paid` with
-exactly one change on its timeline, or the bench fails.
+receipt -> processed latency (the row's `processed_at - received_at`, both written by the
+database's clients on this machine) over every callback, and the CPU the worker spent per
+callback (user and system, its whole process group, from /proc). Every payment must end `paid`
+with exactly one change on its timeline, or the bench fails.
 
     .venv/bin/python bench/pipeline.py [--rate 200] [--seconds 20]
 """
@@ -97,6 +98,19 @@ def run(name: str, db: Any, port: int, rate: float, seconds: float) -> dict[str,
     }
 
 
+def cpu_seconds(group: int) -> float:
+    """User and system CPU of every process in a process group (Linux), so far."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == group:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def check_project(db: Any, count: int) -> None:
     paid = db.execute("SELECT count(*) FROM payments WHERE status = 'paid'").fetchone()[0]
     changes = db.execute(
@@ -151,7 +165,10 @@ def main() -> None:
         try:
             ready(port, PATH)
             time.sleep(5)  # the worker connects to its broker
+            worker = processes[1].process.pid
+            cpu_before = cpu_seconds(worker)
             results["project"] = run("project", db, port, args.rate, args.seconds)
+            results["project"]["cpu"] = (cpu_seconds(worker) - cpu_before) / count
             check_project(db, count)
         finally:
             for process in processes:
@@ -169,7 +186,10 @@ def main() -> None:
         try:
             ready(port, PATH)
             time.sleep(1)
+            floor_worker = processes[1].process.pid
+            cpu_before = cpu_seconds(floor_worker)
             results["floor"] = run("floor", db, port, args.rate, args.seconds)
+            results["floor"]["cpu"] = (cpu_seconds(floor_worker) - cpu_before) / count
         finally:
             for process in processes:
                 process.stop()
@@ -179,14 +199,15 @@ def main() -> None:
     print(f"{count} distinct callbacks at {args.rate:.0f}/s for {args.seconds:.0f}s, one worker")
     print(
         f"{'':8} {'receipt->processed p50':>22} {'p99':>9} {'max':>9} "
-        f"{'answer p99':>11} {'max backlog':>12} {'drained after load':>19}"
+        f"{'answer p99':>11} {'max backlog':>12} {'drained after load':>19} "
+        f"{'worker CPU each':>16}"
     )
     for name, r in results.items():
         print(
             f"{name:8} {percentile(r['delays'], 50) * 1000:19.0f} ms "
             f"{percentile(r['delays'], 99) * 1000:6.0f} ms {max(r['delays']) * 1000:6.0f} ms "
             f"{percentile(r['answers'], 99) * 1000:8.1f} ms {r['max_backlog']:12} "
-            f"{r['drained_after']:17.1f} s"
+            f"{r['drained_after']:17.1f} s {r['cpu'] * 1000:13.2f} ms"
         )
     project, floor = results["project"], results["floor"]
     print(

@@ -34,7 +34,7 @@ from ipn.processing import process_notification
 from ipn.services import Services
 from models import NotificationStatus
 
-WARM_UP = 6
+WARM_UP = 10
 
 
 def count_operations(url: str, stub: str, count: int, show: bool) -> dict[str, list[int]]:

@@ -269,6 +269,40 @@ def settle(
 
     An error is kept with its traceback, if any; a settlement without one leaves the last
     attempt's error and traceback as they were."""
+    values = settled_values(
+        status,
+        outcome=outcome,
+        error=error,
+        traceback=traceback,
+        payment_id=payment_id,
+        verified_by=verified_by,
+    )
+    result = session.execute(
+        update(Notification)
+        .where(Notification.id == notification_id)
+        .where(Notification.status == NotificationStatus.RECEIVED)
+        .values(**values)
+        .returning(Notification.provider, Notification.received_at)
+        .execution_options(synchronize_session=False)
+    )
+    settled = result.one_or_none()
+    if settled is None:
+        return False
+    observe_settled(session, settled.provider, status, settled.received_at, outcome)
+    return True
+
+
+def settled_values(
+    status: NotificationStatus,
+    *,
+    outcome: str | None = None,
+    error: str | None = None,
+    traceback: str | None = None,
+    payment_id: str | None = None,
+    verified_by: str | None = None,
+) -> dict[str, object]:
+    """The columns `settle` writes, for a writer that settles the row in a statement of its
+    own (from a `received` row only, as `settle` does)."""
     values: dict[str, object] = {
         "status": status,
         "outcome": None if outcome is None else storable(outcome),
@@ -285,16 +319,4 @@ def settle(
         )
     if payment_id is not None:
         values["payment_id"] = payment_id
-    result = session.execute(
-        update(Notification)
-        .where(Notification.id == notification_id)
-        .where(Notification.status == NotificationStatus.RECEIVED)
-        .values(**values)
-        .returning(Notification.provider, Notification.received_at)
-        .execution_options(synchronize_session=False)
-    )
-    settled = result.one_or_none()
-    if settled is None:
-        return False
-    observe_settled(session, settled.provider, status, settled.received_at, outcome)
-    return True
+    return values

@@ -13,7 +13,7 @@ from decimal import Decimal
 from traceback import format_exception
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import (
     DBAPIError,
     IntegrityError,
@@ -25,6 +25,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
+from ipn import applying
 from ipn.anomalies import open_anomaly
 from ipn.config import DEFAULT_ACCOUNT
 from ipn.errors import (
@@ -36,14 +37,14 @@ from ipn.errors import (
     UnknownAccount,
 )
 from ipn.events import outbox
-from ipn.inbox import TRACEBACK_LIMIT, settle, storable
+from ipn.inbox import TRACEBACK_LIMIT, settle, settled_values, storable
 from ipn.logs import bind, bound
-from ipn.metrics import CALLBACKS_VERIFIED, RETRIES
+from ipn.metrics import CALLBACKS_VERIFIED, RETRIES, observe_settled
 from ipn.polling import Schedule
 from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
 from ipn.providers.bitcoinpaygate import anomaly_key
 from ipn.services import Services
-from ipn.transitions import Evidence, apply_snapshot, find_payment
+from ipn.transitions import Change, Evidence, apply_snapshot, find_payment, judge
 from models import (
     AnomalyKind,
     EventSource,
@@ -240,8 +241,15 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
 
     def apply(session: Session) -> Outcome:
         schedule = Schedule.from_settings(services.settings)
-        payment = session.merge(held.pop(), load=False) if held and held[0] else None
+        first = held.pop() if held else None
         held.clear()
+        if first is not None and earlier is None:
+            change = judge(first, snapshot, provider.decide(snapshot, first, now), evidence.source)
+            if applying.applies(session, change):
+                return _write_and_settle(
+                    session, claim, first, change, evidence, now, schedule, snapshot=snapshot
+                )
+        payment = session.merge(first, load=False) if first is not None else None
         if earlier is not None:
             # The provider signed that it was paid; its answer now says what followed.
             apply_snapshot(
@@ -274,6 +282,41 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
         return Outcome(S.PROCESSED, applied.summary, applied.payment.id)
 
     return _in_transaction(services, apply)
+
+
+def _write_and_settle(
+    session: Session,
+    claim: Claim,
+    payment: Payment,
+    change: Change,
+    evidence: Evidence,
+    now: datetime,
+    schedule: Schedule,
+    *,
+    snapshot: Snapshot,
+) -> Outcome:
+    """The common case in one statement (ipn.applying); a lost race is retried like the ORM
+    writer's, from a fresh read under lock."""
+    summary = applying.summary(change)
+    written = applying.write_and_settle(
+        session,
+        payment,
+        change,
+        evidence,
+        now,
+        settled_values(
+            S.PROCESSED, outcome=summary, payment_id=payment.id, verified_by=claim.verified_by
+        ),
+        snapshot=snapshot,
+        schedule=schedule,
+    )
+    if not written.moved:
+        raise StaleDataError(f"payment {payment.id} changed underneath")
+    if written.received_at is None:
+        raise _SettledElsewhere
+    observe_settled(session, claim.provider, S.PROCESSED, written.received_at, summary)
+    outbox.remember(session, written.deliveries)
+    return Outcome(S.PROCESSED, summary, payment.id)
 
 
 @dataclass(frozen=True)
@@ -364,48 +407,56 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {str(exc) or 'no message'}"
 
 
+_LAST_REPLAY = (
+    select(NotificationReplay.requested_by)
+    .where(NotificationReplay.notification_id == Notification.id)
+    .order_by(NotificationReplay.id.desc())
+    .limit(1)
+    .scalar_subquery()
+)
+# Built once, its values bound on each claim: building the statement costs more than running it.
+_CLAIM = (
+    update(Notification)
+    .where(Notification.id == bindparam("claimed"), Notification.status == S.RECEIVED)
+    .values(
+        attempts=Notification.attempts + 1,
+        last_attempt_at=bindparam("now", type_=Notification.last_attempt_at.type),
+        next_attempt_at=bindparam("sweep_at", type_=Notification.next_attempt_at.type),
+    )
+    .returning(
+        Notification.id,
+        Notification.provider,
+        Notification.kind,
+        Notification.body,
+        Notification.headers,
+        Notification.remote_addr,
+        Notification.replay_mode,
+        Notification.attempts,
+        _LAST_REPLAY,
+        Notification.account,
+        Notification.received_at,
+        Notification.request_id,
+        Notification.payment_id,
+    )
+)
+
+
 def _claim(services: Services, notification_id: int, now: datetime) -> Claim | None:
     """Count the attempt and read what the worker needs, in one statement that commits by
     itself (one round trip on PostgreSQL): an attempt is counted even if the worker dies in it,
     so a row that kills workers still runs out of attempts."""
-    last_replay = (
-        select(NotificationReplay.requested_by)
-        .where(NotificationReplay.notification_id == Notification.id)
-        .order_by(NotificationReplay.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    claim = (
-        update(Notification)
-        .where(Notification.id == notification_id, Notification.status == S.RECEIVED)
-        .values(
-            attempts=Notification.attempts + 1,
-            last_attempt_at=now,
-            next_attempt_at=now + services.settings.sweep_after,
-        )
-        .returning(
-            Notification.id,
-            Notification.provider,
-            Notification.kind,
-            Notification.body,
-            Notification.headers,
-            Notification.remote_addr,
-            Notification.replay_mode,
-            Notification.attempts,
-            last_replay,
-            Notification.account,
-            Notification.received_at,
-            Notification.request_id,
-            Notification.payment_id,
-        )
-    )
+    params = {
+        "claimed": notification_id,
+        "now": now,
+        "sweep_at": now + services.settings.sweep_after,
+    }
     db = services.db
     if db.is_postgresql:
         with db.autocommit.connect() as connection:
-            row = connection.execute(claim).one_or_none()
+            row = connection.execute(_CLAIM, params).one_or_none()
     else:
         with db.engine.begin() as connection:
-            row = connection.execute(claim).one_or_none()
+            row = connection.execute(_CLAIM, params).one_or_none()
     if row is None:
         _bind_settled(services, notification_id)
         return None

@@ -468,18 +468,7 @@ def write(
     ):
         return Applied(payment, False, f"duplicate: {change.summary}", verdict=change.verdict)
 
-    payment.status = change.after
-    payment.expiry_inferred = change.expiry_inferred
-    if change.paid_amount is not None:
-        payment.paid_amount = change.paid_amount
-    if snapshot is not None and change.takes_snapshot:
-        payment.provider_status = snapshot.provider_status
-        _fill_details(payment, snapshot)
-        if snapshot.as_of and (payment.snapshot_at is None or snapshot.as_of > payment.snapshot_at):
-            payment.snapshot_at = snapshot.as_of
-    payment.updated_at = now
-    if schedule is not None:
-        payment.next_check_at = schedule.next_check_at(payment, now, evidence.source)
+    take(payment, change, now, evidence.source, snapshot=snapshot, schedule=schedule)
     # The merchant hears of the new state, then of what it opened, in this same transaction.
     moved = change.verdict is Verdict.MOVE
     if moved:
@@ -498,6 +487,31 @@ def write(
     )
     summary = f"{change.before.value} -> {change.after.value}" if moved else change.summary
     return Applied(payment, moved, summary, event, anomaly_ids, verdict=change.verdict)
+
+
+def take(
+    payment: Payment,
+    change: Change,
+    now: datetime,
+    source: EventSource,
+    *,
+    snapshot: Snapshot | None = None,
+    schedule: Schedule | None = None,
+) -> None:
+    """Set on the payment the state and details a written change gives it (in memory only:
+    its timeline, events and anomalies are the writer's)."""
+    payment.status = change.after
+    payment.expiry_inferred = change.expiry_inferred
+    if change.paid_amount is not None:
+        payment.paid_amount = change.paid_amount
+    if snapshot is not None and change.takes_snapshot:
+        payment.provider_status = snapshot.provider_status
+        _fill_details(payment, snapshot)
+        if snapshot.as_of and (payment.snapshot_at is None or snapshot.as_of > payment.snapshot_at):
+            payment.snapshot_at = snapshot.as_of
+    payment.updated_at = now
+    if schedule is not None:
+        payment.next_check_at = schedule.next_check_at(payment, now, source)
 
 
 def record_creation(

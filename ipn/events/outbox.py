@@ -6,12 +6,14 @@ the queue; whatever the queue misses, `deliver_due` finds."""
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy import ColumnElement, and_, cast, literal_column, or_, select
 from sqlalchemy import event as orm_event
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,9 +53,9 @@ def wake_after_commit(sessions: sessionmaker[Session], wake: Callable[[list[int]
     """After each commit that wrote deliveries, hand their ids to `wake` (the queue)."""
 
     def committed(session: Session) -> None:
-        new: list[Delivery] = session.info.pop(_NEW, [])
+        new: list[Delivery | int] = session.info.pop(_NEW, [])
         if new:
-            wake([delivery.id for delivery in new])
+            wake([d if isinstance(d, int) else d.id for d in new])
 
     def rolled_back(session: Session) -> None:
         session.info.pop(_NEW, None)
@@ -68,20 +70,25 @@ def payment_event_type(status: PaymentStatus) -> EventType:
 
 def payment_changed(session: Session, payment: Payment, now: datetime) -> MerchantEvent:
     """The payment reached its current state (`pending` at creation: `payment.created`)."""
+    event_type, sequence, data = _payment_state(payment)
+    return record(session, event_type, data, now, payment_id=payment.id, sequence=sequence)
+
+
+def payment_changed_body(payment: Payment, now: datetime) -> tuple[EventType, int, str]:
+    """What `payment_changed` writes, for a writer of its own: the type, the sequence (bumped
+    on the payment) and the body of the event."""
+    event_type, sequence, data = _payment_state(payment)
+    return event_type, sequence, body(event_type, data, now)
+
+
+def _payment_state(payment: Payment) -> tuple[EventType, int, dict[str, Any]]:
     event_type = (
         EventType.PAYMENT_CREATED
         if payment.status is PaymentStatus.PENDING
         else payment_event_type(payment.status)
     )
     sequence = _next_sequence(payment)
-    return record(
-        session,
-        event_type,
-        {**serialize.payment(payment), "sequence": sequence},
-        now,
-        payment_id=payment.id,
-        sequence=sequence,
-    )
+    return event_type, sequence, {**serialize.payment(payment), "sequence": sequence}
 
 
 def anomaly_event(
@@ -133,20 +140,13 @@ def record(
     anomaly_id: int | None = None,
 ) -> MerchantEvent:
     """Write one event and its deliveries inside the caller's transaction."""
-    # ASCII only: whatever a sender put in an anomaly's evidence (a lone surrogate, a NUL) is
-    # escaped, so the body always encodes, and signs, the same.
-    body = json.dumps(
-        {"type": event_type.value, "timestamp": serialize.when(now), "data": data},
-        separators=(",", ":"),
-        default=str,
-    )
     event = MerchantEvent(
         id=new_id("evt_"),
         type=event_type,
         payment_id=payment_id,
         anomaly_id=anomaly_id,
         sequence=sequence,
-        body=body,
+        body=body(event_type, data, now),
         created_at=now,
     )
     # Read without flushing: the writer's own flush is the compare-and-set.
@@ -172,8 +172,19 @@ def record(
     return event
 
 
-def remember(session: Session, deliveries: list[Delivery]) -> None:
-    """Deliveries to hand to the queue once this transaction commits."""
+def body(event_type: EventType, data: dict[str, Any], now: datetime) -> str:
+    """The event as the merchant receives it (and as it is signed)."""
+    # ASCII only: whatever a sender put in an anomaly's evidence (a lone surrogate, a NUL) is
+    # escaped, so the body always encodes, and signs, the same.
+    return json.dumps(
+        {"type": event_type.value, "timestamp": serialize.when(now), "data": data},
+        separators=(",", ":"),
+        default=str,
+    )
+
+
+def remember(session: Session, deliveries: list[Delivery] | list[int]) -> None:
+    """Deliveries (or their ids) to hand to the queue once this transaction commits."""
     session.info.setdefault(_NEW, []).extend(deliveries)
 
 
@@ -192,12 +203,53 @@ def endpoints_for(session: Session, payment_id: str | None) -> list[Endpoint]:
     environment = next((e for e in found if e.id == ENVIRONMENT_ENDPOINT), None)
     if _keep_environment_endpoint(session, environment):
         found = list(session.scalars(query))
+    _IN_STEP.setdefault(session.get_bind(), set()).add(_webhook_url(session))
     # The status is read in memory: a change in this transaction may not be flushed yet.
     return [
         e
         for e in found
         if e.status is EndpointStatus.ENABLED and e.deleted_at is None and _in_scope(e, payment_id)
     ]
+
+
+def hearing(payment_id: ColumnElement[str], event_types: ColumnElement[Any]) -> ColumnElement[bool]:
+    """The endpoints `endpoints_for` finds that hear an event of the payment, as a condition
+    for a writer that picks them in its own statement (PostgreSQL): `event_types` is a JSONB
+    array holding the event's type."""
+    events = cast(Endpoint.events, JSONB)
+    # `Endpoint.hears`: no list (or an empty one) hears everything.
+    hears_all = or_(
+        Endpoint.events.is_(None),
+        events == literal_column("'[]'::jsonb"),
+        events == literal_column("'null'::jsonb"),
+    )
+    return and_(
+        Endpoint.status == EndpointStatus.ENABLED,
+        Endpoint.deleted_at.is_(None),
+        or_(Endpoint.payment_id.is_(None), Endpoint.payment_id == payment_id),
+        or_(hears_all, events.contains(event_types)),
+    )
+
+
+def keep_environment_endpoint(session: Session) -> None:
+    """Bring the endpoint of IPN_MERCHANT_WEBHOOK_URL in step with this process's settings, as
+    `endpoints_for` does, once per process and database: for a writer that picks endpoints in
+    its own statement (with `hearing`), the settings do not change while the process runs."""
+    url = _webhook_url(session)
+    if url in _IN_STEP.get(session.get_bind(), ()):
+        return
+    with session.no_autoflush:
+        _keep_environment_endpoint(session, session.get(Endpoint, ENVIRONMENT_ENDPOINT))
+    _IN_STEP.setdefault(session.get_bind(), set()).add(url)
+
+
+# By database, the webhook URLs whose endpoint row this process brought in step with them.
+_IN_STEP: weakref.WeakKeyDictionary[Any, set[str | None]] = weakref.WeakKeyDictionary()
+
+
+def _webhook_url(session: Session) -> str | None:
+    settings: EventSettings | None = session.info.get(_SETTINGS)
+    return settings.webhook_url if settings else None
 
 
 def _in_scope(endpoint: Endpoint, payment_id: str | None) -> bool:
@@ -213,8 +265,7 @@ def _next_sequence(payment: Payment) -> int:
 def _keep_environment_endpoint(session: Session, current: Endpoint | None) -> bool:
     """The endpoint row of IPN_MERCHANT_WEBHOOK_URL follows the environment: created when set,
     its URL updated when changed, disabled when unset. True when it was just created."""
-    settings: EventSettings | None = session.info.get(_SETTINGS)
-    url = settings.webhook_url if settings else None
+    url = _webhook_url(session)
     if current is None:
         if url:
             insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
