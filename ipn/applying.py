@@ -35,7 +35,7 @@ from ipn.events import outbox
 from ipn.inbox import settled_values
 from ipn.polling import Schedule
 from ipn.providers.base import Snapshot
-from ipn.transitions import Change, Evidence, Verdict, take
+from ipn.transitions import DETAILS, Change, Evidence, Verdict, take
 from models import (
     Delivery,
     DeliveryStatus,
@@ -56,13 +56,7 @@ PAYMENT_COLUMNS = (
     "expiry_inferred",
     "paid_amount",
     "provider_status",
-    "provider_payment_id",
-    "pay_amount",
-    "pay_currency",
-    "pay_address",
-    "pay_url",
-    "payment_uri",
-    "expires_at",
+    *DETAILS,
     "snapshot_at",
     "updated_at",
     "next_check_at",

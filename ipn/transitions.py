@@ -713,17 +713,21 @@ def _event(
     return event
 
 
+# What a provider's snapshot may tell of a payment that we did not know yet.
+DETAILS = (
+    "provider_payment_id",
+    "pay_amount",
+    "pay_currency",
+    "pay_address",
+    "pay_url",
+    "payment_uri",
+    "expires_at",
+)
+
+
 def _fill_details(payment: Payment, snapshot: Snapshot) -> None:
     """Take what the provider knows and we do not."""
-    for name in (
-        "provider_payment_id",
-        "pay_amount",
-        "pay_currency",
-        "pay_address",
-        "pay_url",
-        "payment_uri",
-        "expires_at",
-    ):
+    for name in DETAILS:
         value = getattr(snapshot, name)
         if value is not None and getattr(payment, name) is None:
             setattr(payment, name, value)
