@@ -76,13 +76,6 @@ def applies(session: Session, change: Change) -> bool:
     )
 
 
-def summary(change: Change) -> str:
-    """The settled row's outcome, as the ORM writer words it."""
-    if change.verdict is Verdict.MOVE:
-        return f"{change.before.value} -> {change.after.value}"
-    return change.summary
-
-
 @dataclass(frozen=True)
 class Written:
     """What the statement did: `moved` False when the payment changed underneath (the

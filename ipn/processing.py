@@ -297,7 +297,7 @@ def _write_and_settle(
 ) -> Outcome:
     """The common case in one statement (ipn.applying); a lost race is retried like the ORM
     writer's, from a fresh read under lock."""
-    summary = applying.summary(change)
+    summary = change.outcome
     written = applying.write_and_settle(
         session,
         payment,

@@ -82,6 +82,13 @@ class Change:
     paid_amount: Decimal | None = None
     expiry_inferred: bool = False
 
+    @property
+    def outcome(self) -> str:
+        """What the written change says of itself on its inbox row: the move, or the note."""
+        if self.verdict is Verdict.MOVE:
+            return f"{self.before.value} -> {self.after.value}"
+        return self.summary
+
 
 class HeldPayment(Protocol):
     """What the decision reads of the payment as we hold it (a Payment row satisfies it)."""
@@ -485,8 +492,7 @@ def write(
         f"{evidence.description}: {change.summary}",
         now,
     )
-    summary = f"{change.before.value} -> {change.after.value}" if moved else change.summary
-    return Applied(payment, moved, summary, event, anomaly_ids, verdict=change.verdict)
+    return Applied(payment, moved, change.outcome, event, anomaly_ids, verdict=change.verdict)
 
 
 def take(
