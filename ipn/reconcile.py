@@ -565,15 +565,28 @@ def _nothing_new(
     change = judge(payment, snapshot, decision, EventSource.POLL)
     if change.verdict is not Verdict.DUPLICATE or change.findings:
         return None
+    if _past_deadline_unpaid(payment, decision.state, change.verdict, schedule, now):
+        return None
+    return change.summary
+
+
+def _past_deadline_unpaid(
+    payment: Payment,
+    reported: PaymentStatus | None,
+    verdict: Verdict,
+    schedule: Schedule,
+    now: datetime,
+) -> bool:
+    """Whether our clock expires the payment: only an answer that says unpaid lets it decide;
+    an unknown status, a refused `paid` or an answer about another payment is for review."""
     deadline = schedule.deadline(payment)
-    if (
-        decision.state is PaymentStatus.PENDING
+    return bool(
+        reported is PaymentStatus.PENDING
+        and verdict is not Verdict.REFUSE
         and payment.status is PaymentStatus.PENDING
         and deadline
         and now >= deadline
-    ):
-        return None
-    return change.summary
+    )
 
 
 def _lease_left(payment: Payment) -> bool:
@@ -835,16 +848,9 @@ def _apply(
     payment.last_checked_at = now
     payment.lease_token = None
     payment.leased_until = None
-    deadline = schedule.deadline(payment)
-    # Only an answer that says unpaid lets our clock decide: an unknown status, a refused
-    # `paid` or an answer about another payment is for review, not expiry.
-    if (
-        applied.reported is PaymentStatus.PENDING
-        and applied.verdict is not Verdict.REFUSE
-        and payment.status is PaymentStatus.PENDING
-        and deadline
-        and now >= deadline
-    ):
+    if _past_deadline_unpaid(payment, applied.reported, applied.verdict, schedule, now):
+        deadline = schedule.deadline(payment)
+        assert deadline is not None
         _expire(
             session,
             payment,
