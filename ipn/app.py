@@ -6,6 +6,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from ipn.callbacks import CallbackEndpoints, plain_error
 from ipn.config import Settings
 from ipn.dispatch import Dispatcher, RedisPublisher, batch_sender, delivery_sender
 from ipn.logs import configure_logging
@@ -17,13 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the app; settings come from the environment unless a test passes its own."""
     settings = settings or Settings.from_env()
     app = Flask(__name__, static_folder=None)
-    # One byte over the cap, so that the callback view can tell a body at the cap from one
-    # beyond it (see ipn.callbacks.receive).
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
-    if settings.trusted_proxies:
-        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies
-        )
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     configure_logging(settings)
 
     services = Services.from_settings(settings)
@@ -48,10 +43,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     services.wake_deliveries = wake
 
-    from ipn import api, callbacks, cli, health
+    from ipn import api, cli, health
     from ipn.events import api as endpoints_api
 
-    app.register_blueprint(callbacks.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(endpoints_api.bp)
@@ -61,6 +55,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         from ipn import console
 
         console.init_app(app, settings)
+
+    # Callbacks are answered in front of Flask (ipn.callbacks), behind the proxy's fixes.
+    app.wsgi_app = CallbackEndpoints(app.wsgi_app, app.extensions)  # type: ignore[method-assign]
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies
+        )
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
@@ -75,9 +76,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
             response = error_page(error.code or 500, error.name, _sentence(error))
         else:
-            response = Response(
-                f"{error.code} {error.name}: {error.description}\n", mimetype="text/plain"
-            )
+            status, headers, body = plain_error(error)
+            return Response(body, status=status, headers=headers)
         response.status_code = error.code or 500
         # Allow (405) and the like; the body's own Content-Type stays.
         for name, value in error.get_headers():

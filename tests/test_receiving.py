@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from ipn import create_app
-from ipn.callbacks import ENDPOINTS
+from ipn.callbacks import ENDPOINTS, route
 from ipn.config import Settings
 from ipn.dispatch import Dispatcher
 from ipn.services import Services
@@ -276,3 +276,81 @@ def test_hostile_query_string_is_stored_and_answered_success(
     )
     assert (response.status_code, response.get_data()) == (200, b"success")
     assert count_notifications(services.db) == 1
+
+
+# path -> (provider, kind, account) the callback layer answers for, or None: Flask's then.
+ROUTES = {
+    "/ipn/cubepay": ("cubepay", "ipn", "default"),
+    "/ipn/bitcoinpaygate/notification": ("bitcoinpaygate", "notification", "default"),
+    "/ipn/bitcoinpaygate/anomaly": ("bitcoinpaygate", "anomaly", "default"),
+    "/ipn/coinbarpay": ("coinbarpay", "callback", "default"),
+    "/ipn/cryptoprocessing": ("cryptoprocessing", "callback", "default"),
+    "/ipn/cubepay/eur-shop": ("cubepay", "ipn", "eur-shop"),
+    "/ipn/bitcoinpaygate/eur-shop/notification": ("bitcoinpaygate", "notification", "eur-shop"),
+    "/ipn/bitcoinpaygate/anomaly/notification": ("bitcoinpaygate", "notification", "anomaly"),
+    "/ipn/bitcoinpaygate/eur-shop/anomaly": ("bitcoinpaygate", "anomaly", "eur-shop"),
+    "/ipn/coinbarpay/eur-shop": ("coinbarpay", "callback", "eur-shop"),
+    "/ipn/cryptoprocessing/eur-shop": ("cryptoprocessing", "callback", "eur-shop"),
+    # WSGI's latin-1 path of UTF-8 bytes, decoded as Flask would.
+    "/ipn/cubepay/caf\xc3\xa9": ("cubepay", "ipn", "café"),
+    "/ipn/cubepay/": None,
+    "/ipn/cubepay//": None,
+    "/ipn/cubepay/eur-shop/": None,
+    "/ipn/cubepay/eur-shop/ipn": None,
+    "/ipn/bitcoinpaygate": None,
+    "/ipn/bitcoinpaygate/eur-shop": None,
+    "/ipn/bitcoinpaygate//notification": None,
+    "/ipn/bitcoinpaygate/eur-shop/refund": None,
+    "/ipn/coinbarpay/eur-shop/callback": None,
+    "/ipn/unknown": None,
+    "/ipn/unknown/eur-shop": None,
+    "/ipn": None,
+    "/api/cubepay": None,
+    "/other/cubepay/eur-shop": None,
+    "/cubepay": None,
+    "": None,
+}
+
+
+@pytest.mark.parametrize("path", sorted(ROUTES))
+def test_the_callback_paths_are_exactly_the_contracts(path: str) -> None:
+    assert route(path) == ROUTES[path]
+
+
+def test_a_post_to_any_other_path_under_ipn_is_flasks_404(
+    client: FlaskClient, services: Services
+) -> None:
+    response = client.post("/ipn/unknown", data=b"x=1", headers=FORM)
+    assert response.status_code == 404
+    assert response.mimetype == "text/plain"
+    assert b"Not Found" in response.get_data()
+    assert count_notifications(services.db) == 0
+
+
+def test_an_unexpected_error_answers_500_without_a_trace_and_stores_nothing(
+    client: FlaskClient, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> int:
+        raise RuntimeError("the secret sauce")
+
+    monkeypatch.setattr("ipn.callbacks.store_callback", broken)
+    response = client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers={"X-Request-Id": "req-500-a"})
+    assert response.status_code == 500
+    assert response.get_data() == (
+        b"500 Internal Server Error: The server encountered an internal error and was unable"
+        b" to complete your request. Either the server is overloaded or there is an error in"
+        b" the application.\n"
+    )
+    assert response.headers["X-Request-Id"] == "req-500-a"
+    assert count_notifications(services.db) == 0
+
+
+def test_an_answer_states_its_type_and_length(client: FlaskClient) -> None:
+    response = client.post("/ipn/cubepay", data=CUBEPAY_IPN, headers=FORM)
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert response.headers["Content-Length"] == str(len(b"success"))
+    refused = client.get("/ipn/cubepay")
+    assert refused.headers["Content-Length"] == str(len(refused.get_data()))
+    assert refused.get_data() == (
+        b"405 Method Not Allowed: The method is not allowed for the requested URL.\n"
+    )
