@@ -102,12 +102,21 @@ def call_json(
                     outcome = "garbage"
                 raise
         finally:
-            PROVIDER_REQUESTS.labels(provider, operation, outcome).inc()
-            PROVIDER_REQUEST_DURATION.labels(provider, operation).observe(
-                time.perf_counter() - started
-            )
+            counted, timed = _metrics(provider, operation, outcome)
+            counted.inc()
+            timed.observe(time.perf_counter() - started)
 
     return _retrying(attempts or http.attempts, http.total_timeout, http.backoff_max)(attempt)
+
+
+@functools.lru_cache(maxsize=256)
+def _metrics(provider: str, operation: str, outcome: str) -> tuple[Any, Any]:
+    """The request counter and duration histogram of one provider, operation and outcome,
+    looked up once: `labels()` takes a lock and checks its labels on every call."""
+    return (
+        PROVIDER_REQUESTS.labels(provider, operation, outcome),
+        PROVIDER_REQUEST_DURATION.labels(provider, operation),
+    )
 
 
 @functools.lru_cache(maxsize=64)
