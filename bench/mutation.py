@@ -76,6 +76,12 @@ MODULES: dict[str, list[str]] = {
         *SHARED_TESTS,
     ],
     "ipn/events/outbox.py": ["tests/events", "tests/test_transitions.py"],
+    # Receiving: routing, the body cap, and `success` only for a stored row.
+    "ipn/callbacks.py": [
+        "tests/test_receiving.py",
+        "tests/test_accounts.py",
+        "tests/test_metrics.py",
+    ],
     "ipn/events/delivery.py": ["tests/events"],
     # Accounts: reading the accounts file, and a callback verified by a replaced secret.
     "ipn/config.py": ["tests/test_accounts_config.py", "tests/test_accounts.py"],
