@@ -6,7 +6,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from ipn.callbacks import CallbackEndpoints, plain_error
+from ipn.callbacks import CallbackEndpoints, error_headers, plain_error
 from ipn.config import Settings
 from ipn.dispatch import Dispatcher, RedisPublisher, batch_sender, delivery_sender
 from ipn.logs import configure_logging
@@ -79,10 +79,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             status, headers, body = plain_error(error)
             return Response(body, status=status, headers=headers)
         response.status_code = error.code or 500
-        # Allow (405) and the like; the body's own Content-Type stays.
-        for name, value in error.get_headers():
-            if name.lower() != "content-type":
-                response.headers[name] = value
+        for name, value in error_headers(error):
+            response.headers[name] = value
         return response
 
     return app

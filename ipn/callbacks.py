@@ -211,6 +211,10 @@ def plain_error(error: HTTPException) -> Answer:
     """An error as a short line a provider's log can show: never HTML, never a stack trace."""
     code = error.code or 500
     status, headers, body = _text(code, f"{code} {error.name}: {error.description}\n")
-    # Allow (405) and the like; the body's own Content-Type stays.
-    headers += [(n, v) for n, v in error.get_headers() if n.lower() != "content-type"]
-    return status, headers, body
+    return status, headers + error_headers(error), body
+
+
+def error_headers(error: HTTPException) -> list[tuple[str, str]]:
+    """What an error adds to its answer, Allow (405) and the like: the body's own Content-Type
+    stays."""
+    return [(n, v) for n, v in error.get_headers() if n.lower() != "content-type"]
