@@ -37,7 +37,7 @@ from ipn.db import Database
 from ipn.services import Services
 from models import Base, Notification, NotificationStatus
 
-from helpers import START
+from helpers import START, provider_mock
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -327,7 +327,7 @@ def start_worker(backend: Backend, tmp_path: Path) -> Iterator[Callable[..., Wor
 @pytest.fixture
 def provider_api() -> Iterator[responses.RequestsMock]:
     """Provider APIs answer only what a test registers; any other call fails the test."""
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+    with provider_mock(assert_all_requests_are_fired=False) as mock:
         yield mock
 
 

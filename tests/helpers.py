@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import responses
 from sqlalchemy import func, select
 
 from ipn.db import Database
@@ -18,6 +19,8 @@ from models import Anomaly, Notification, Payment, PaymentEvent, PaymentStatus
 PROVIDER_URL = "http://provider.test"
 # The moment the clock fixture holds, and the provider endpoints the status queries reach.
 START = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
+# Where provider calls leave the process: mocks stand in for the keep-alive adapter's send.
+PROVIDER_SEND = "ipn.providers.transport.KeepAliveAdapter.send"
 CUBEPAY_QUERY = f"{PROVIDER_URL}/cubepay/payment/query"
 BPG_ID = "95bf1d853cf2e040f0ce219221f9b17206525941"
 BPG_STATUS = f"{PROVIDER_URL}/bitcoinpaygate/v2/payments/{BPG_ID}"
@@ -214,3 +217,8 @@ def cryptoprocessing_headers(
 
 def later(**delta: float) -> datetime:
     return datetime.now(UTC) + timedelta(**delta)
+
+
+def provider_mock(**options: Any) -> responses.RequestsMock:
+    """A `responses` mock of the provider sessions' transport."""
+    return responses.RequestsMock(target=PROVIDER_SEND, **options)

@@ -70,6 +70,7 @@ from helpers import (
     coinbarpay_signature,
     cryptoprocessing_headers,
     make_payment,
+    provider_mock,
 )
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -585,7 +586,7 @@ class PaymentStory(RuleBasedStateMachine):
         self.now = START
         self.clock = time_machine.travel(START, tick=False)
         self.traveller = self.clock.start()
-        self.api = responses.RequestsMock(assert_all_requests_are_fired=False)
+        self.api = provider_mock(assert_all_requests_are_fired=False)
         self.api.start()
         self.story.register(self.api, self._answer)
         self.expires_at = START + self.story.lifetime

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import requests
-import requests.adapters
 
 from ipn.config import DEFAULT_ACCOUNT, PROVIDERS, Settings
 from ipn.providers.base import Provider
@@ -11,6 +10,7 @@ from ipn.providers.bitcoinpaygate import BitcoinPaygate
 from ipn.providers.coinbarpay import CoinbarPay
 from ipn.providers.cryptoprocessing import CryptoProcessing
 from ipn.providers.cubepay import CubePay
+from ipn.providers.transport import keep_alive_session
 
 PROVIDER_CLASSES: dict[str, type[Provider]] = {
     cls.name: cls for cls in (CubePay, BitcoinPaygate, CoinbarPay, CryptoProcessing)
@@ -23,12 +23,7 @@ def provider_sessions(settings: Settings) -> dict[str, requests.Session]:
     in flight, so concurrent status queries reuse connections instead of opening new ones."""
     sessions = {}
     for name in PROVIDERS:
-        session = requests.Session()
-        size = max(10, settings.reconcile_concurrency)
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=size)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        sessions[name] = session
+        sessions[name] = keep_alive_session(max(10, settings.reconcile_concurrency))
     return sessions
 
 

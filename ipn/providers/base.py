@@ -17,6 +17,7 @@ import requests
 
 from ipn.config import HTTPSettings, ProviderSettings
 from ipn.errors import ForgedCallback, MalformedCallback, UnstorableValue
+from ipn.providers.transport import keep_alive_session
 from models import PaymentStatus
 from models.base import MONEY_PRECISION, MONEY_SCALE
 
@@ -166,7 +167,7 @@ class Provider(ABC):
             )
         self.settings = settings
         self.http = http or HTTPSettings()
-        self.session = session or requests.Session()
+        self.session = session or keep_alive_session()
 
     @property
     def configured(self) -> bool:

@@ -28,6 +28,8 @@ from ipn.providers.base import Authenticity, PaymentRef, PaymentRequest, Snapsho
 from ipn.providers.bitcoinpaygate import BitcoinPaygate, anomaly_key, signature
 from models import PaymentStatus
 
+from helpers import provider_mock
+
 API = "https://bpg.test/api"
 KEY = "examplehmackey"
 KEY_NAME = "key-name"
@@ -109,7 +111,7 @@ def unkeyed() -> BitcoinPaygate:
 
 @pytest.fixture
 def mocked() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+    with provider_mock(assert_all_requests_are_fired=False) as rsps:
         yield rsps
 
 

@@ -38,6 +38,8 @@ from ipn.providers.coinbarpay import (
 )
 from models import PaymentStatus
 
+from helpers import provider_mock
+
 # -- the documented vectors (coinbarpay.md) ---------------------------------------------------
 
 CLIENT_ID = "2cb63353-2541-4c4e-90d4-7bf1d4b42c5c"
@@ -117,7 +119,7 @@ def provider(settings: CoinbarPaySettings) -> CoinbarPay:
 
 @pytest.fixture
 def mocked() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+    with provider_mock(assert_all_requests_are_fired=False) as rsps:
         yield rsps
 
 
@@ -624,7 +626,7 @@ def test_fetch_status_timeout_is_retried_then_unavailable(
 
 
 def test_fetch_status_recovers_from_one_transient_failure(provider: CoinbarPay) -> None:
-    with responses.RequestsMock(registry=responses.registries.OrderedRegistry) as mocked:
+    with provider_mock(registry=responses.registries.OrderedRegistry) as mocked:
         mocked.get(STATUS_URL, status=502, body=b"bad gateway")
         mocked.get(STATUS_URL, body=STATUS_ANSWER)
         assert provider.fetch_status(PaymentRef("order-1001")).provider_status == "FAILED"

@@ -29,6 +29,8 @@ from ipn.providers.base import Authenticity, PaymentRef, PaymentRequest, Snapsho
 from ipn.providers.cryptoprocessing import CryptoProcessing, signature
 from models import PaymentStatus
 
+from helpers import provider_mock
+
 # -- the documented vector and callback (cryptoprocessing.md) --------------------------------------
 
 VECTOR_SECRET = "AbCdEfG123456"
@@ -106,7 +108,7 @@ def provider(settings: CryptoProcessingSettings) -> CryptoProcessing:
 
 @pytest.fixture
 def mocked() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+    with provider_mock(assert_all_requests_are_fired=False) as rsps:
         yield rsps
 
 

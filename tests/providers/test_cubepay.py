@@ -32,6 +32,8 @@ from ipn.providers.base import Authenticity, PaymentRef, PaymentRequest, Snapsho
 from ipn.providers.cubepay import CubePay, sign
 from models import PaymentStatus
 
+from helpers import provider_mock
+
 API = "https://api.cubepay.test"
 CLIENT_ID = "exampleclientid"
 SECRET = "exampleclientsecret"
@@ -146,7 +148,7 @@ def cubepay() -> CubePay:
 
 @pytest.fixture
 def mocked() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+    with provider_mock(assert_all_requests_are_fired=False) as rsps:
         yield rsps
 
 

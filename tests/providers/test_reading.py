@@ -13,7 +13,7 @@ from ipn.providers import build_providers
 from ipn.providers.base import PaymentRef, checked_id, checked_money, loads_json
 
 from conftest import PROVIDER_ENV, PROVIDER_URL
-from helpers import bpg_snapshot, coinbarpay_status, cubepay_query_answer
+from helpers import bpg_snapshot, coinbarpay_status, cubepay_query_answer, provider_mock
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_an_answer_that_cannot_be_kept_is_a_permanent_refusal(
 ) -> None:
     """Asking again gives the same answer: not ProviderUnavailable, which would be retried."""
     method = responses.POST if provider == "cubepay" else responses.GET
-    with responses.RequestsMock() as mock:
+    with provider_mock() as mock:
         mock.add(method, url, body=answer, content_type="application/json")
         with pytest.raises(ProviderRejected, match="cannot keep"):
             PROVIDERS[provider].fetch_status(ref)
