@@ -165,20 +165,29 @@ def send(
                 origin, session.proxies, True, session.verify, session.cert
             )
         )
-    headers = {**session.headers, **(kwargs.pop("headers", None) or {})}
     request = requests.PreparedRequest()
-    request.prepare(
-        method=method,
-        url=url,
-        headers=headers,
-        auth=kwargs.pop("auth", None) or session.auth,
-        hooks={},
-        **kwargs,
+    # `prepare` less its cookies and hooks, the URL's checks and quoting done once per URL.
+    request.method = method.upper()
+    request.url = _prepared_url(url)
+    request.prepare_headers({**session.headers, **(kwargs.pop("headers", None) or {})})
+    request.prepare_body(
+        kwargs.pop("data", None), kwargs.pop("files", None), kwargs.pop("json", None)
     )
+    request.prepare_auth(kwargs.pop("auth", None) or session.auth, request.url)
+    if kwargs:
+        raise TypeError(f"send() got unexpected arguments: {', '.join(sorted(kwargs))}")
     started = time.perf_counter()
     response = session.get_adapter(url).send(request, timeout=timeout, **known[origin])
     response.elapsed = timedelta(seconds=time.perf_counter() - started)
     return response
+
+
+@functools.lru_cache(maxsize=1024)
+def _prepared_url(url: str) -> str:
+    """The URL as requests would send it (IDNA host, quoted path), or its error."""
+    request = requests.PreparedRequest()
+    request.prepare_url(url, None)
+    return request.url or url
 
 
 def status_class(status: int) -> str:
