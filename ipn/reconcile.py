@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import cast
 
 from sqlalchemy import bindparam, func, or_, select, tuple_, update
 from sqlalchemy.exc import StatementError
@@ -170,10 +171,18 @@ def enqueue_due(
     started = time.monotonic()
     spent = spent_budgets(services, due_by)
     sent = 0
+    # Each claim starts past the last: the payments this pass leased stay due until they are
+    # checked, and a claim from the front would walk past all of them again.
+    after: tuple[datetime, str] | None = None
     while time_budget is None or time.monotonic() - started < time_budget:
-        batch = claim_due(services, due_by, exclude=spent)
+        batch = claim_due(services, due_by, exclude=spent, after=after)
         if not batch:
-            break
+            if after is None:
+                break
+            # Once more from the front, for the payments a worker gave back meanwhile.
+            after = None
+            continue
+        after = (batch[-1].due_at, batch[-1].payment_id)
         ids = [claimed.payment_id for claimed in batch]
         try:
             send(ids, batch[0].lease)
@@ -235,6 +244,8 @@ class Claimed:
     account: str
     # The claim's owner token: only a check holding it may apply an answer.
     lease: str
+    # When it was due: with the id, where the next claim of the same pass starts.
+    due_at: datetime
 
 
 def lease_length(services: Services) -> timedelta:
@@ -247,9 +258,11 @@ def claim_due(
     *,
     provider: str | None = None,
     exclude: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
+    after: tuple[datetime, str] | None = None,
 ) -> list[Claimed]:
     """Claim the next batch of payments due by `now` that nobody holds, in one statement: a
-    fresh token and a lease expiry written on each."""
+    fresh token and a lease expiry written on each. `after` (the `due_at` and id of the last
+    payment claimed) starts the claim past it, in due order."""
     token = secrets.token_hex(16)
     clock = utcnow()
     due = (
@@ -264,6 +277,8 @@ def claim_due(
         due = due.where(Payment.provider == provider)
     if exclude:
         due = due.where(tuple_(Payment.provider, Payment.account).not_in(sorted(exclude)))
+    if after is not None:
+        due = due.where(tuple_(Payment.next_check_at, Payment.id) > tuple_(*after))
     statement = (
         update(Payment)
         .where(Payment.id.in_(due.scalar_subquery()))
@@ -275,8 +290,12 @@ def claim_due(
         .execution_options(synchronize_session=False)
     )
     with services.db.transaction() as session:
+        # Only due payments are claimed: none has an empty next_check_at.
         rows = sorted(session.execute(statement), key=lambda row: (row[3], row[0]))
-    return [Claimed(payment_id, name, account, token) for payment_id, name, account, _ in rows]
+    return [
+        Claimed(payment_id, name, account, token, cast(datetime, due_at))
+        for payment_id, name, account, due_at in rows
+    ]
 
 
 @dataclass

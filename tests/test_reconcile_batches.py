@@ -21,7 +21,7 @@ from flask import Flask
 from sqlalchemy import event, func, select
 
 from ipn import create_app, rate_limit
-from ipn.reconcile import check_claimed, claim_due, reconcile_due
+from ipn.reconcile import _release, check_claimed, claim_due, enqueue_due, reconcile_due
 from ipn.services import Services
 from models import Payment, PaymentEvent, PaymentStatus, ProviderCalls
 
@@ -152,6 +152,59 @@ def test_the_beat_enqueues_batches_that_two_workers_check_once_each(
     assert len(stub.asked) == 90 and set(stub.asked.values()) == {1}
     assert leased(backend) == 0
     assert set(checks(backend)) == set(ids)
+
+
+def due_in_order(backend: Backend, count: int) -> list[str]:
+    """`count` payments due a minute apart, the longest overdue first, and two of them due at
+    the same moment (their ids break the tie)."""
+    ids = seed(backend, count)
+    now = datetime.now(UTC)
+    with backend.db.transaction() as session:
+        for n, payment_id in enumerate(ids):
+            payment = session.get(Payment, payment_id)
+            assert payment is not None
+            payment.next_check_at = now - timedelta(minutes=count - min(n, count - 2))
+    tied = sorted(ids[-2:])
+    return ids[:-2] + tied
+
+
+def test_a_claim_after_a_payment_starts_past_it_in_due_order(
+    services: Services, backend: Backend
+) -> None:
+    order = due_in_order(backend, 6)
+    first = claim_due(services, datetime.now(UTC), after=None)
+    assert [claimed.payment_id for claimed in first] == order
+    _release(services, order, first[0].lease)
+    cursor = (first[2].due_at, first[2].payment_id)
+    # The three before the cursor are due and free, and still not taken.
+    past = claim_due(services, datetime.now(UTC), after=cursor)
+    assert [claimed.payment_id for claimed in past] == order[3:]
+    _release(services, order, past[0].lease)
+    # Past the first of the two due at the same moment: the other one only.
+    tie = (first[4].due_at, first[4].payment_id)
+    assert [c.payment_id for c in claim_due(services, datetime.now(UTC), after=tie)] == order[5:]
+
+
+def test_the_beat_sends_each_due_payment_once_and_one_given_back_again(
+    backend: Backend, services: Services
+) -> None:
+    order = due_in_order(backend, 25)
+    tens = Services(
+        services.settings.with_changes(reconcile_batch=10), services.db, services.providers
+    )
+    batches: list[list[str]] = []
+
+    def send(ids: list[str], lease: str) -> None:
+        batches.append(ids)
+        if len(batches) == 1:
+            # A worker gives the first payment back while the beat is still claiming.
+            _release(tens, ids[:1], lease)
+
+    assert enqueue_due(tens, send) == 26
+    sent = [payment_id for batch in batches for payment_id in batch]
+    assert [len(batch) for batch in batches] == [10, 10, 5, 1]
+    # In due order, each once, and the one given back once more at the end.
+    assert sent == order + order[:1]
 
 
 def test_a_batch_asks_concurrently_within_its_bound(
