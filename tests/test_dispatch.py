@@ -23,7 +23,7 @@ from sqlalchemy import event, select
 from ipn import create_app
 from ipn.config import Settings
 from ipn.db import Database
-from ipn.dispatch import Dispatcher, RedisPublisher, enqueue_many
+from ipn.dispatch import IDS_PER_MESSAGE, Dispatcher, RedisPublisher, enqueue_many
 from ipn.inbox import store_callback
 from ipn.services import Services
 from ipn.sweeper import sweep_inbox
@@ -270,17 +270,20 @@ def test_published_messages_are_what_celery_itself_sends(backend: Backend) -> No
     app = create_app(backend.settings(IPN_QUEUE=queue))
     client = redis.Redis.from_url(backend.env["REDIS_URL"])
     try:
-        enqueue_many(app.extensions["celery"], [41])
+        enqueue_many(app.extensions["celery"], [41, 42, 43])
         (celery_sent,) = client.lrange(queue, 0, -1)
         client.delete(queue)
         RedisPublisher(backend.env["REDIS_URL"], queue)([41, 42, 43])
         ours = client.lrange(queue, 0, -1)
+        client.delete(queue)
+        # Two messages' worth of ids: in order, IDS_PER_MESSAGE to the first.
+        RedisPublisher(backend.env["REDIS_URL"], queue)(list(range(1, IDS_PER_MESSAGE + 3)))
         # The workers' BRPOP takes from the right: first published, first processed.
-        taken: list[Any] = [client.rpop(queue) for _ in ours]
+        taken: list[Any] = [client.rpop(queue) for _ in range(2)]
+        assert client.llen(queue) == 0
         assert [json.loads(m)["headers"]["argsrepr"] for m in taken] == [
-            "[41]",
-            "[42]",
-            "[43]",
+            repr([list(range(1, IDS_PER_MESSAGE + 1))]),
+            repr([[IDS_PER_MESSAGE + 1, IDS_PER_MESSAGE + 2]]),
         ]
     finally:
         client.delete(queue)

@@ -5,22 +5,29 @@ duplicates, stale snapshots and late funds never move a payment backwards."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+import redis
 import responses
 from flask import Flask
 from flask.testing import FlaskClient
 
+from ipn import create_app
+from ipn.config import Settings
 from ipn.processing import process_notification, run
 from ipn.providers.coinbarpay import encrypt_legacy_token
 from ipn.services import Services
 from ipn.sweeper import sweep_inbox
 from models import AnomalyKind, EventSource, NotificationStatus, PaymentStatus
+from workers.tasks import process_notifications
 
+from conftest import Backend, RecordingDispatcher
+from faults_support import forget_queue, free_port
 from helpers import (
     CUBEPAY_IPN,
     FORM,
@@ -971,3 +978,89 @@ def test_amounts_at_the_columns_limits_are_kept_exactly(
     stored = load_payment(services.db, payment.id)
     assert stored.paid_amount == Decimal(received)
     assert stored.pay_amount == Decimal("0.0094")
+
+
+# --- Several ids in one message (workers.tasks.process_notifications) --------------------------
+
+
+def queued(app: Flask) -> list[dict[str, Any]]:
+    """The messages waiting in the app's own queue, first published first."""
+    settings = app.extensions["ipn"].settings
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return [json.loads(raw) for raw in reversed(client.lrange(settings.queue, 0, -1))]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_ids_sent_together_are_each_processed_and_a_retry_goes_out_alone(
+    client: FlaskClient, app: Flask, services: Services, provider_api: responses.RequestsMock
+) -> None:
+    """One message: the first id applied, the second's status query refused (postponed and
+    published on its own as its first retry, in a countdown), the third rejected as forged."""
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2))
+    provider_api.post(CUBEPAY_QUERY_URL, status=503, body=b"down")
+    first = stored_cubepay_ipn(client, app)
+    second = stored_cubepay_ipn(client, app)
+    forged = stored_cubepay_ipn(client, app, CUBEPAY_IPN.replace(b"sign=5E25AF", b"sign=5E25AE"))
+    forget_queue(services.settings.redis_url, services.settings.queue)
+    try:
+        with app.app_context():
+            summary = process_notifications.run([first, second, forged])
+        [retry] = queued(app)
+    finally:
+        forget_queue(services.settings.redis_url, services.settings.queue)
+
+    rows = [notification(services.db, i) for i in (first, second, forged)]
+    assert [row.status for row in rows] == [
+        NotificationStatus.PROCESSED,
+        NotificationStatus.RECEIVED,
+        NotificationStatus.REJECTED,
+    ]
+    assert "503" in (rows[1].last_error or "") and rows[1].next_attempt_at is not None
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+    headers = retry["headers"]
+    assert (headers["task"], headers["argsrepr"], headers["retries"]) == (
+        "ipn.process_notification",
+        f"[{second}]",
+        1,
+    )
+    assert headers["eta"] is not None
+    assert [f"{i}: " in summary for i in (first, second, forged)] == [True, True, True]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_retry_the_broker_refuses_is_left_for_the_sweeper(
+    backend: Backend,
+    settings: Settings,
+    provider_api: responses.RequestsMock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis gone when a retry is published: the message's other ids still run, and the row
+    keeps its next attempt for the sweeper."""
+    app = create_app(backend.settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"))
+    app.extensions["ipn.dispatcher"] = RecordingDispatcher()
+    services = app.extensions["ipn"]
+    payment = cubepay_payment(services)
+    provider_api.post(CUBEPAY_QUERY_URL, status=503, body=b"down")
+    provider_api.post(CUBEPAY_QUERY_URL, status=503, body=b"down")
+    provider_api.post(CUBEPAY_QUERY_URL, body=cubepay_query_answer(2))
+    client = app.test_client()
+    refused = stored_cubepay_ipn(client, app)
+    applied = stored_cubepay_ipn(client, app)
+    try:
+        with app.app_context(), caplog.at_level(logging.WARNING, "workers.tasks"):
+            process_notifications.run([refused, applied])
+    finally:
+        services.db.engine.dispose()
+
+    assert notification(services.db, refused).status is NotificationStatus.RECEIVED
+    assert notification(services.db, refused).next_attempt_at is not None
+    assert notification(services.db, applied).status is NotificationStatus.PROCESSED
+    assert load_payment(services.db, payment.id).status is PaymentStatus.PAID
+    assert [r.getMessage() for r in caplog.records if r.name == "workers.tasks"] == [
+        f"notification {refused}: retry not enqueued (OperationalError); "
+        "the sweeper will pick it up"
+    ]

@@ -19,6 +19,8 @@ from sqlalchemy import select
 from ipn import create_app
 from ipn.config import Settings
 from ipn.db import Database
+from ipn.dispatch import in_messages
+from ipn.inbox import store_callback
 from ipn.replay import replay
 from models import (
     EventSource,
@@ -253,6 +255,42 @@ def test_poison_rows_settle_in_the_worker_and_the_queue_goes_on(
     row = wait_for(lambda: settled(db, genuine), message="the genuine callback to be applied")
     assert row.status is N.PROCESSED, (row.outcome, row.last_error)
     assert load_payment(db, payment.id).status is PaymentStatus.PAID
+
+
+def test_ids_published_in_one_message_are_each_settled_by_the_worker(
+    live_app: Flask, start_worker: Callable[..., Worker], worker_env: dict[str, str]
+) -> None:
+    """The callback view's publisher puts ids stored together in one message: a forged copy, a
+    poison row and a genuine callback in one are each settled on their own, in order."""
+    db = live_app.extensions["ipn"].db
+    payment = cp_payment(db)
+    genuine = cp_paid_callback()
+    forged = genuine.replace(b'"amount":"0.3"', b'"amount":"0.4"')
+    poison = genuine.replace(b'"received_amount":"0"', b'"received_amount":1e999')
+    ids = [
+        store_callback(db, "cryptoprocessing", "callback", forged, cp_headers(genuine), None),
+        store_callback(db, "cryptoprocessing", "callback", poison, cp_headers(poison), None),
+        store_callback(db, "cryptoprocessing", "callback", genuine, cp_headers(genuine), None),
+    ]
+    assert len(in_messages(ids)) == 1
+    live_app.extensions["ipn.dispatcher"].send_batch(ids)
+    start_worker(env=worker_env)
+
+    rows = wait_for(
+        lambda: (rows := [settled(db, i) for i in ids]) and all(rows) and rows,
+        timeout=60,
+        message="the worker to settle all three",
+    )
+    assert [(row.status, row.attempts) for row in rows] == [
+        (N.REJECTED, 1),
+        (N.REJECTED, 1),
+        (N.PROCESSED, 1),
+    ], [(row.status, row.last_error) for row in rows]
+    assert (rows[0].last_error or "").startswith("forged")
+    assert "currency_sent.received_amount" in (rows[1].last_error or "")
+    assert load_payment(db, payment.id).status is PaymentStatus.PAID
+    [event] = events(db, payment.id)
+    assert event.notification_id == ids[2]
 
 
 def _imports(path: Path) -> set[str]:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 from flask import current_app
 
 from ipn import alerts, processing, reconcile, retention, sweeper
-from ipn.dispatch import DELIVER_TASK, PROCESS_TASK, enqueue, enqueue_delivery
+from ipn.dispatch import (
+    DELIVER_TASK,
+    PROCESS_MANY_TASK,
+    PROCESS_TASK,
+    enqueue,
+    enqueue_delivery,
+    enqueue_retry,
+)
 from ipn.events import delivery
 from ipn.services import Services
+
+log = logging.getLogger(__name__)
 
 RECONCILE_BUDGET_SECONDS = 50.0
 # One claimed batch of due payments, checked by whichever worker takes it.
@@ -32,6 +43,27 @@ def process_notification(self, notification_id: int) -> str:  # type: ignore[no-
     if countdown is not None:
         raise self.retry(countdown=countdown)
     return message
+
+
+@shared_task(name=PROCESS_MANY_TASK)
+def process_notifications(notification_ids: list[int]) -> str:
+    """Notifications stored together, one after another; each retry goes out on its own."""
+    services = _services()
+    done = []
+    for notification_id in notification_ids:
+        message, countdown = processing.run(services, notification_id, 0)
+        if countdown is not None:
+            try:
+                enqueue_retry(current_app.extensions["celery"], notification_id, countdown, 1)
+            except Exception as exc:
+                # Its next attempt is on the row: the sweeper sends it then.
+                log.warning(
+                    "notification %s: retry not enqueued (%s); the sweeper will pick it up",
+                    notification_id,
+                    type(exc).__name__,
+                )
+        done.append(f"{notification_id}: {message}")
+    return "; ".join(done)
 
 
 @shared_task(name="ipn.sweep_inbox")
