@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, create_engine, event
+from sqlalchemy import Connection, Engine, Select, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -111,6 +111,13 @@ class Database:
         if self.is_postgresql:
             return Session(self.autocommit, expire_on_commit=False)
         return self.sessions()
+
+    def reading_connection(self) -> Connection:
+        """`reading`'s Core counterpart: a connection for reads outside any transaction (on
+        PostgreSQL autocommit, no BEGIN or ROLLBACK)."""
+        if self.is_postgresql:
+            return self.autocommit.connect()
+        return self.engine.connect()
 
     def keyset(self, query: Select[Any], key: Any, page: int = 500) -> Iterator[Any]:
         """Every row `query` selects, in `key` order, a page at a time, each page in a session

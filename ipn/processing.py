@@ -44,7 +44,7 @@ from ipn.polling import Schedule
 from ipn.providers.base import Authenticity, Callback, PaymentRef, Provider, Snapshot
 from ipn.providers.bitcoinpaygate import anomaly_key
 from ipn.services import Services
-from ipn.transitions import Change, Evidence, apply_snapshot, find_payment, judge
+from ipn.transitions import Change, Evidence, apply_snapshot, judge, read_payment
 from models import (
     AnomalyKind,
     EventSource,
@@ -203,8 +203,8 @@ def _process(services: Services, claim: Claim, now: datetime) -> Outcome:
     if not callback.handled:
         return _settle(services, claim, S.IGNORED, callback.reason)
 
-    with services.db.reading() as session:
-        known = find_payment(session, provider.name, callback.ref, account=provider.account)
+    with services.db.reading_connection() as connection:
+        known = read_payment(connection, provider.name, callback.ref, account=provider.account)
     if known is not None:
         bind(payment_id=known.id, order_id=known.order_id)
     else:

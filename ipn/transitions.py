@@ -5,14 +5,14 @@ as a compare-and-set inside the caller's transaction."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Select, or_, select
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from ipn.anomalies import open_anomaly
 from ipn.config import DEFAULT_ACCOUNT
@@ -609,6 +609,40 @@ def find_payment(
 ) -> Payment | None:
     """The payment a reference names within one account: the provider's id first, then our
     order id. One account's credentials never speak for another's payments."""
+    query = _lookup(select(Payment), provider, ref, account)
+    if query is None:
+        return None
+    if lock:
+        query = query.with_for_update()
+    return _one_of(session.execute(query).scalars().all(), ref)
+
+
+def read_payment(
+    connection: Connection, provider: str, ref: PaymentRef, *, account: str = DEFAULT_ACCOUNT
+) -> Payment | None:
+    """`find_payment` outside any session: the payment as committed when read, detached, as a
+    closed session would leave it. The worker's read before its status query; selected with
+    Core and filled in directly, it costs about a third less than the ORM's loading."""
+    query = _lookup(select(*_PAYMENT_COLUMNS), provider, ref, account)
+    if query is None:
+        return None
+    matches = []
+    for row in connection.execute(query):
+        payment = _PAYMENT_MANAGER.new_instance()
+        for key, value in zip(_PAYMENT_KEYS, row, strict=True):
+            setattr(payment, key, value)
+        # As loaded: no pending changes, an identity key, so a session takes it as it is.
+        make_transient_to_detached(payment)
+        matches.append(payment)
+    return _one_of(matches, ref)
+
+
+_PAYMENT_KEYS = [prop.key for prop in Payment.__mapper__.column_attrs]
+_PAYMENT_COLUMNS = [prop.columns[0].label(prop.key) for prop in Payment.__mapper__.column_attrs]
+_PAYMENT_MANAGER = Payment.__mapper__.class_manager
+
+
+def _lookup(query: Select[Any], provider: str, ref: PaymentRef, account: str) -> Select[Any] | None:
     conditions = []
     if ref.provider_payment_id:
         conditions.append(Payment.provider_payment_id == ref.provider_payment_id)
@@ -616,12 +650,10 @@ def find_payment(
         conditions.append(Payment.order_id == ref.order_id)
     if not conditions:
         return None
-    query = select(Payment).where(
-        Payment.provider == provider, Payment.account == account, or_(*conditions)
-    )
-    if lock:
-        query = query.with_for_update()
-    matches = session.execute(query).scalars().all()
+    return query.where(Payment.provider == provider, Payment.account == account, or_(*conditions))
+
+
+def _one_of(matches: Sequence[Payment], ref: PaymentRef) -> Payment | None:
     if len(matches) > 1:  # two rows matched by different keys: trust the provider's id
         matches = [p for p in matches if p.provider_payment_id == ref.provider_payment_id]
     return matches[0] if matches else None

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import responses
 from flask import Flask
+from sqlalchemy import inspect
+from sqlalchemy.orm.exc import StaleDataError
 
 from ipn.anomalies import resolve_anomaly
 from ipn.config import (
@@ -40,6 +42,7 @@ from ipn.transitions import (
     find_payment,
     judge,
     judge_expiry,
+    read_payment,
 )
 from models import (
     AnomalyKind,
@@ -1331,18 +1334,61 @@ def test_our_clocks_expiry_anomaly_is_keyed_by_the_payment(services: Services) -
     assert anomaly.dedupe_key == f"inferred_expiry:{payment.id}"
 
 
-def test_find_payment_trusts_the_providers_id_over_our_order_id(services: Services) -> None:
+@pytest.mark.parametrize("lookup", ["find_payment", "read_payment"])
+def test_a_payment_lookup_trusts_the_providers_id_over_our_order_id(
+    services: Services, lookup: str
+) -> None:
     first = make_payment(services.db, order_id="A1", provider_payment_id="C1")
     second = make_payment(services.db, order_id="A2", provider_payment_id="C2")
-    with services.db.sessions() as session:
-        found = find_payment(session, "cubepay", PaymentRef("A1", "C2"))
-        assert found is not None and found.id == second.id
-        found = find_payment(session, "cubepay", PaymentRef("A2", "C1"))
-        assert found is not None and found.id == first.id
-        by_id = find_payment(session, "cubepay", PaymentRef(None, "C1"))
-        assert by_id is not None and by_id.id == first.id
-        assert find_payment(session, "cubepay", PaymentRef(None, "C3")) is None
-        assert find_payment(session, "cubepay", PaymentRef()) is None
+    make_payment(services.db, order_id="A3", provider_payment_id="C3", account="shop-b")
+    with services.db.sessions() as session, services.db.reading_connection() as connection:
+
+        def find(ref: PaymentRef, account: str = "default") -> str | None:
+            if lookup == "find_payment":
+                found = find_payment(session, "cubepay", ref, account=account)
+            else:
+                found = read_payment(connection, "cubepay", ref, account=account)
+            return found.id if found is not None else None
+
+        assert find(PaymentRef("A1", "C2")) == second.id
+        assert find(PaymentRef("A2", "C1")) == first.id
+        assert find(PaymentRef(None, "C1")) == first.id
+        assert find(PaymentRef("A2", None)) == second.id
+        assert find(PaymentRef(None, "C3")) is None
+        assert find(PaymentRef("A1", "C1"), account="shop-b") is None
+        assert find(PaymentRef()) is None
+
+
+def test_a_payment_read_outside_a_session_is_the_one_the_orm_loads(services: Services) -> None:
+    """Every column as the ORM loads it, no pending change, and a session can write it with
+    its version compare-and-set, as the worker writes the payment it read before asking."""
+    payment = make_payment(
+        services.db,
+        order_id="A1",
+        provider_payment_id="C1",
+        paid_amount=Decimal("0.00012345"),
+        provider_status="2",
+    )
+    ref = PaymentRef("A1", "C1")
+    with services.db.reading() as session:
+        loaded = find_payment(session, "cubepay", ref)
+    with services.db.reading_connection() as connection:
+        read = read_payment(connection, "cubepay", ref)
+    assert loaded is not None and read is not None
+    keys = [prop.key for prop in Payment.__mapper__.column_attrs]
+    assert [getattr(read, key) for key in keys] == [getattr(loaded, key) for key in keys]
+    assert isinstance(read.paid_amount, Decimal) and read.status is PaymentStatus.PENDING
+    state = inspect(read)
+    assert (state.detached, state.modified, state.identity) == (True, False, (payment.id,))
+
+    with services.db.transaction() as session:
+        held = session.merge(read, load=False)
+        held.provider_status = "3"
+    assert load_payment(services.db, payment.id).provider_status == "3"
+    with pytest.raises(StaleDataError), services.db.transaction() as session:
+        # Read before that write: its version is behind, so its UPDATE matches no row.
+        session.merge(read, load=False).provider_status = "4"
+    assert load_payment(services.db, payment.id).provider_status == "3"
 
 
 def test_a_snapshot_naming_nothing_finds_its_payment_by_the_callbacks_reference(
