@@ -85,6 +85,8 @@ MODULES: dict[str, list[str]] = {
     "ipn/events/delivery.py": ["tests/events"],
     # Accounts: reading the accounts file, and a callback verified by a replaced secret.
     "ipn/config.py": ["tests/test_accounts_config.py", "tests/test_accounts.py"],
+    # The keep-alive transport under every status query, against a real HTTP/1.1 server.
+    "ipn/providers/transport.py": ["tests/providers/test_transport.py"],
     "ipn/providers/base.py": [
         "tests/providers",
         "tests/test_accounts_config.py",

@@ -542,6 +542,7 @@ class _HeldAsPaid:
     amount: Decimal | None
     currency: str | None
     pay_amount: Decimal | None
+    paid_amount: Decimal | None
 
 
 def _paid_before(
@@ -568,6 +569,7 @@ def _paid_before(
         known.amount if known else own.amount,
         known.currency if known else own.currency,
         known.pay_amount if known else own.pay_amount,
+        own.paid_amount if own.paid_amount is not None else known.paid_amount if known else None,
     )
     if provider.decide(answer, held, now).state is not PaymentStatus.REFUNDED:
         return None

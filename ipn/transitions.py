@@ -158,7 +158,7 @@ def judge(
     money = _more_money(payment.paid_amount, snapshot.paid_amount)
     news = snapshot.provider_status != payment.provider_status or money != payment.paid_amount
 
-    older = _older(payment, snapshot, decision.state)
+    older = decision.older or _older(payment, snapshot, decision.state)
     if older:
         if not news:
             return _nothing_new(payment, source, f"{status_text}: an older copy, no change")

@@ -496,6 +496,47 @@ def test_cryptoprocessing_signature_vector_and_callbacks_move_the_payment(
     ]
 
 
+@pytest.mark.parametrize(("end", "shows"), [("failed", "0"), ("failed", "0.005"), ("expired", "0")])
+def test_cryptoprocessing_an_end_sent_before_the_full_money_changes_nothing(
+    client: FlaskClient, app: Flask, services: Services, end: str, shows: str
+) -> None:
+    """CryptoProcessing's callbacks carry no time. A `paid` showing the full amount, refused
+    because it is for another amount, leaves the payment pending with the money seen; a
+    `failed` or `expired` showing less, arriving after it, was sent before it: no change."""
+    payment = make_payment(
+        services.db,
+        provider="cryptoprocessing",
+        order_id="order_12345",
+        amount=Decimal("0.3"),
+        currency="ETH",
+        pay_amount=Decimal("0.0094"),
+    )
+    paid = cryptoprocessing_callback("paid", received="0.0094", amount="0.4")
+    row = deliver(
+        client, app, services, "/ipn/cryptoprocessing", paid, cryptoprocessing_headers(paid)
+    )
+    assert "not marked paid" in (row.outcome or "")
+    [mismatch] = anomalies(services.db)
+    assert mismatch.kind is AnomalyKind.AMOUNT_MISMATCH
+
+    late = cryptoprocessing_callback(end, received=shows)
+    row = deliver(
+        client, app, services, "/ipn/cryptoprocessing", late, cryptoprocessing_headers(late)
+    )
+    assert row.status is NotificationStatus.PROCESSED
+    assert (row.outcome or "").startswith(
+        f"older callback: it shows {shows} received, the full 0.0094 was already seen"
+    ), row.outcome
+    held = load_payment(services.db, payment.id)
+    assert (held.status, held.paid_amount) == (PaymentStatus.PENDING, Decimal("0.0094"))
+    assert [e.to_status for e in events(services.db, payment.id)] == [PaymentStatus.PENDING] * 2
+
+    # The same end showing the full amount is the provider's word after it: it ends the payment.
+    final = cryptoprocessing_callback(end, received="0.0094")
+    deliver(client, app, services, "/ipn/cryptoprocessing", final, cryptoprocessing_headers(final))
+    assert load_payment(services.db, payment.id).status is PaymentStatus(end)
+
+
 @pytest.mark.parametrize("forge", ["byte", "key", "missing", "foreign-key"])
 def test_cryptoprocessing_forged_callback_is_rejected(
     client: FlaskClient, app: Flask, services: Services, forge: str

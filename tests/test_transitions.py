@@ -389,6 +389,20 @@ def test_less_money_with_a_final_status_is_judged_by_its_status(reported: Paymen
     assert change.paid_amount == Decimal("0.005")
 
 
+@pytest.mark.parametrize("reported", [P.FAILED, P.EXPIRED, P.PAID, P.CONFIRMING])
+def test_a_snapshot_its_adapter_calls_older_is_ignored(reported: PaymentStatus) -> None:
+    held = Held(P.UNDERPAID, paid_amount=Decimal("0.005"))
+    told = reported_snapshot(paid_amount=Decimal("0"))
+    change = judge(held, told, Decision(reported, older="sent before"), EventSource.CALLBACK)
+    assert (label(change), change.after, change.findings) == ("i", P.UNDERPAID, ())
+    assert change.summary == "sent before: status told ignored"
+    assert change.paid_amount == Decimal("0.005")
+    # The same copy again, as the payment already holds it: nothing new at all.
+    same = replace(held, provider_status="told", paid_amount=Decimal("0"))
+    change = judge(same, told, Decision(reported, older="sent before"), EventSource.CALLBACK)
+    assert label(change) == "d"
+
+
 def test_more_money_is_news_even_with_the_same_status() -> None:
     held = Held(P.EXPIRED, provider_status="told", paid_amount=Decimal("0.001"))
     told = reported_snapshot(paid_amount=Decimal("0.003"))
@@ -925,6 +939,7 @@ class HeldFacts:
     amount: Decimal | None = Decimal("500")
     currency: str | None = "TWD"
     pay_amount: Decimal | None = Decimal("1")
+    paid_amount: Decimal | None = None
 
 
 def told(

@@ -127,6 +127,8 @@ class PaymentFacts(Protocol):
     def currency(self) -> str | None: ...
     @property
     def pay_amount(self) -> Decimal | None: ...
+    @property
+    def paid_amount(self) -> Decimal | None: ...
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,9 @@ class Decision:
     note: str = ""
     # Anomalies the mapping itself sees (BitcoinPaygate INVALID, for one): (kind, evidence).
     anomalies: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    # Why the snapshot predates what the payment holds, where only the adapter can tell (a
+    # status its provider never reports after what was seen): the snapshot is then ignored.
+    older: str = ""
 
 
 class Provider(ABC):

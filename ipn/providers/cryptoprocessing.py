@@ -170,6 +170,10 @@ class CryptoProcessing(Provider):
         if state is None:
             return Decision(None, f"unknown {self.name} status {snapshot.provider_status!r}")
         received, expected = snapshot.paid_amount, snapshot.pay_amount
+        if state in (PaymentStatus.FAILED, PaymentStatus.EXPIRED) and payment is not None:
+            older = _before_full_money(received, payment)
+            if older:
+                return Decision(state, older=older)
         if state is PaymentStatus.EXPIRED and received is not None and received > 0:
             # `expired` means nothing arrived in time: money on it now arrived after the end.
             evidence = {
@@ -187,6 +191,17 @@ class CryptoProcessing(Provider):
                     PaymentStatus.UNDERPAID, f"received {received} of {expected} expected"
                 )
         return Decision(state)
+
+
+def _before_full_money(received: Decimal | None, payment: PaymentFacts) -> str:
+    """Callbacks carry no time to order them by. `failed` and `expired` mean too little arrived
+    in time, so one showing less than the full amount already seen on the payment (a `paid`,
+    even one refused for its currency) was sent before that money: it arrives late."""
+    held, full = payment.paid_amount, payment.pay_amount
+    if held is None or full is None or held < full or (received or 0) >= held:
+        return ""
+    shown, seen = (format(value.normalize(), "f") for value in (received or Decimal(0), held))
+    return f"older callback: it shows {shown} received, the full {seen} was already seen"
 
 
 def _snapshot(data: Mapping[str, Any]) -> Snapshot:

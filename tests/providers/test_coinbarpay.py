@@ -99,6 +99,7 @@ class HeldPayment:
     amount: Decimal | None = Decimal("8.99")
     currency: str | None = "EUR"
     pay_amount: Decimal | None = None
+    paid_amount: Decimal | None = None
 
 
 @pytest.fixture

@@ -94,6 +94,7 @@ class HeldPayment:
     amount: Decimal | None = Decimal("0.3")
     currency: str | None = "ETH"
     pay_amount: Decimal | None = Decimal("0.0094")
+    paid_amount: Decimal | None = None
 
 
 @pytest.fixture
@@ -334,6 +335,55 @@ def test_decide(
     )
     assert provider.decide(snapshot, HeldPayment(PaymentStatus.PENDING), DECIDED_AT).state == state
     assert provider.decide(snapshot, None, DECIDED_AT).state == state
+
+
+@pytest.mark.parametrize(
+    ("status", "pay", "held", "shows", "older"),
+    [
+        ("failed", "0.0094", "0.0094", "0", True),
+        ("failed", "0.0094", "0.0094", "0.005", True),
+        ("failed", "0.0094", "0.0094", None, True),
+        ("failed", "0.0094", "0.02", "0.0094", True),
+        ("failed", "0.0094", "0.0094", "0.0094", False),
+        ("failed", "0.0094", "0.009399", "0", False),
+        ("failed", "0.0094", None, "0", False),
+        ("failed", None, "0.0094", "0", False),
+        ("expired", "0.0094", "0.0094", "0", True),
+        ("expired", "0.0094", "0.0094", "0.0094", False),
+        ("processing", "0.0094", "0.0094", "0", False),
+        ("paid", "0.0094", "0.0094", "0.005", False),
+        ("created", "0.0094", "0.0094", None, False),
+    ],
+)
+def test_an_end_showing_less_than_the_full_amount_seen_is_an_older_callback(
+    provider: CryptoProcessing,
+    status: str,
+    pay: str | None,
+    held: str | None,
+    shows: str | None,
+    older: bool,
+) -> None:
+    """No time on the callbacks: `failed` and `expired` mean too little arrived, so one showing
+    less than the full amount the payment already holds was sent before that money."""
+    snapshot = Snapshot(
+        provider_status=status,
+        order_id="order_12345",
+        pay_amount=Decimal("0.0094"),
+        paid_amount=Decimal(shows) if shows else None,
+    )
+    payment = HeldPayment(
+        PaymentStatus.PENDING,
+        pay_amount=Decimal(pay) if pay else None,
+        paid_amount=Decimal(held) if held else None,
+    )
+    decision = provider.decide(snapshot, payment, DECIDED_AT)
+    # The state is the one the status maps to; `older` only says the snapshot is not news.
+    assert decision.state is provider.decide(snapshot, None, DECIDED_AT).state
+    assert bool(decision.older) is older
+    if older:
+        assert decision.older == (
+            f"older callback: it shows {shows or 0} received, the full {held} was already seen"
+        )
 
 
 def test_underpaid_callback_end_to_end(provider: CryptoProcessing) -> None:

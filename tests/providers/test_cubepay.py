@@ -136,6 +136,7 @@ class HeldPayment:
     amount: Decimal | None = Decimal("500")
     currency: str | None = "TWD"
     pay_amount: Decimal | None = Decimal("1")
+    paid_amount: Decimal | None = None
 
 
 @pytest.fixture
