@@ -139,6 +139,19 @@ def _gzipped(handler: BaseHTTPRequestHandler) -> None:
     handler.wfile.write(body)
 
 
+def _not_http(handler: BaseHTTPRequestHandler) -> None:
+    handler.wfile.write(b"SUCCESS\r\n\r\n")
+    handler.close_connection = True
+
+
+def _bad_chunk(handler: BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    handler.wfile.write(b'5\r\n{"a":\r\nzz\r\n')
+    handler.close_connection = True
+
+
 ANSWERS: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
     "json": _json,
     "closing": _closing,
@@ -148,6 +161,8 @@ ANSWERS: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
     "slow": _slow,
     "large": _large,
     "gzipped": _gzipped,
+    "not-http": _not_http,
+    "bad-chunk": _bad_chunk,
 }
 
 
@@ -320,9 +335,24 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_https_checks_the_certificate_and_keeps_the_connection(
-    certificate: tuple[Path, Path], session: requests.Session
+@pytest.mark.parametrize("answer", ["not-http", "bad-chunk"])
+def test_an_answer_that_is_not_http_is_unavailable_not_an_error_of_ours(
+    provider: Provider, session: requests.Session, answer: str
 ) -> None:
+    """A provider answering garbage is a transient failure (ProviderUnavailable, retried),
+    never http.client's own exception escaping as a permanent error of the notification."""
+    with pytest.raises(requests.ConnectionError):
+        session.post(f"{provider.url}/{answer}", timeout=2).content  # noqa: B018
+    with pytest.raises(ProviderUnavailable, match="failed: ConnectionError"):
+        ask(session, f"{provider.url}/{answer}")
+    assert ask(session, f"{provider.url}/json") == {"amount": Decimal("0.1")}
+
+
+def test_https_checks_the_certificate_and_keeps_the_connection(
+    certificate: tuple[Path, Path], session: requests.Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every request here goes through the keep-alive pool, none through urllib3's adapter.
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", None)
     cert, key = certificate
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
@@ -340,6 +370,10 @@ def test_https_checks_the_certificate_and_keeps_the_connection(
         assert len(server.seen) == 3
         # The refused handshakes never became connections; one carried the trusted calls.
         assert server.connections == 1
+        # verify=False, as requests means it: no certificate check, a pool of its own.
+        answer = session.get(f"{server.url}/json", verify=False, timeout=2)
+        assert answer.json() == {"amount": 0.1}
+        assert server.connections == 2
     finally:
         server.stop()
 
