@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import pytest
 import responses
 from sqlalchemy import func, select
 
@@ -222,3 +225,19 @@ def later(**delta: float) -> datetime:
 def provider_mock(**options: Any) -> responses.RequestsMock:
     """A `responses` mock of the provider sessions' transport."""
     return responses.RequestsMock(target=PROVIDER_SEND, **options)
+
+
+def self_signed_certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A certificate and key for `name` (an IP address or a DNS name), made by openssl."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    alt = f"IP:{name}" if name.replace(".", "").isdigit() else f"DNS:{name}"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName={alt}"],
+        capture_output=True,
+        check=False,
+    )  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip(f"openssl cannot make a certificate: {made.stderr[-200:]!r}")
+    return cert, key

@@ -458,14 +458,15 @@ def test_coinbarpay_unknown_status_opens_an_anomaly(
 # --- CryptoProcessing -----------------------------------------------------------------------
 
 
-def cp_payment(services: Services) -> Any:
-    return make_payment(
-        services.db,
-        provider="cryptoprocessing",
-        order_id="order_12345",
-        amount=Decimal("0.3"),
-        currency="ETH",
-    )
+def cp_payment(services: Services, **fields: Any) -> Any:
+    values = {
+        "provider": "cryptoprocessing",
+        "order_id": "order_12345",
+        "amount": Decimal("0.3"),
+        "currency": "ETH",
+        **fields,
+    }
+    return make_payment(services.db, **values)
 
 
 def test_cryptoprocessing_signature_vector_and_callbacks_move_the_payment(
@@ -503,14 +504,7 @@ def test_cryptoprocessing_an_end_sent_before_the_full_money_changes_nothing(
     """CryptoProcessing's callbacks carry no time. A `paid` showing the full amount, refused
     because it is for another amount, leaves the payment pending with the money seen; a
     `failed` or `expired` showing less, arriving after it, was sent before it: no change."""
-    payment = make_payment(
-        services.db,
-        provider="cryptoprocessing",
-        order_id="order_12345",
-        amount=Decimal("0.3"),
-        currency="ETH",
-        pay_amount=Decimal("0.0094"),
-    )
+    payment = cp_payment(services, pay_amount=Decimal("0.0094"))
     paid = cryptoprocessing_callback("paid", received="0.0094", amount="0.4")
     row = deliver(
         client, app, services, "/ipn/cryptoprocessing", paid, cryptoprocessing_headers(paid)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,8 @@ import pytest
 
 from ipn.events import urls
 from ipn.events.urls import Answer, DeliveryError, UnsafeURL, check_url, post
+
+from helpers import self_signed_certificate
 
 PUBLIC = "93.184.215.14"
 
@@ -279,16 +280,7 @@ def test_post_resolves_once_and_connects_to_the_vetted_address(
 
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path, list[dict[str, Any]]]]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=shop.test",
-         "-addext", "subjectAltName=DNS:shop.test"],
-        capture_output=True,
-        check=False,
-    )  # fmt: skip
-    if made.returncode != 0:
-        pytest.skip(f"openssl cannot make a certificate: {made.stderr[-200:]!r}")
+    cert, key = self_signed_certificate(tmp_path, "shop.test")
     seen: list[dict[str, Any]] = []
     names: list[str | None] = []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

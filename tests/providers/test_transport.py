@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,8 @@ from ipn.config import HTTPSettings
 from ipn.errors import ProviderUnavailable
 from ipn.providers.http import call_json
 from ipn.providers.transport import KeepAliveAdapter, keep_alive_session
+
+from helpers import self_signed_certificate
 
 ONE_TRY = HTTPSettings(connect_timeout=1, read_timeout=0.5, attempts=1, total_timeout=5)
 
@@ -322,17 +323,7 @@ def test_through_a_proxy_requests_own_adapter_sends(
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        capture_output=True,
-        check=False,
-    )  # fmt: skip
-    if made.returncode != 0:
-        pytest.skip(f"openssl cannot make a certificate: {made.stderr[-200:]!r}")
-    return cert, key
+    return self_signed_certificate(tmp_path, "127.0.0.1")
 
 
 @pytest.mark.parametrize("answer", ["not-http", "bad-chunk"])
