@@ -49,17 +49,13 @@ PAUSE_SECONDS = 1.0
 LINGER_SECONDS = 0.02
 
 
-def enqueue(celery: Celery, notification_id: int) -> None:
-    """Publish one notification id for a worker. Raises when the broker cannot take it: the
-    row is already committed, so the caller logs and leaves it to the inbox sweeper."""
+def enqueue(
+    celery: Celery, notification_id: int, *, countdown: int | None = None, retries: int = 0
+) -> None:
+    """Publish one notification id for a worker, after `countdown` seconds as its `retries`-th
+    retry if given. Raises when the broker cannot take it: the row is already committed (and
+    a retry's next attempt set), so the caller logs and leaves it to the inbox sweeper."""
     # No publish retries: the dispatcher and the sweeper own the retrying.
-    celery.send_task(PROCESS_TASK, args=[notification_id], retry=False)
-
-
-def enqueue_retry(celery: Celery, notification_id: int, countdown: int, retries: int) -> None:
-    """Publish one id to be tried again in `countdown` seconds, as its `retries`-th retry.
-    Raises when the broker cannot take it: the row's next attempt is already set, so the
-    sweeper finds it then."""
     celery.send_task(
         PROCESS_TASK, args=[notification_id], countdown=countdown, retries=retries, retry=False
     )

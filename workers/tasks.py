@@ -8,14 +8,7 @@ from celery import shared_task
 from flask import current_app
 
 from ipn import alerts, processing, reconcile, retention, sweeper
-from ipn.dispatch import (
-    DELIVER_TASK,
-    PROCESS_MANY_TASK,
-    PROCESS_TASK,
-    enqueue,
-    enqueue_delivery,
-    enqueue_retry,
-)
+from ipn.dispatch import DELIVER_TASK, PROCESS_MANY_TASK, PROCESS_TASK, enqueue, enqueue_delivery
 from ipn.events import delivery
 from ipn.services import Services
 
@@ -33,8 +26,8 @@ def _services() -> Services:
     return services
 
 
-def _send(notification_id: int) -> None:
-    enqueue(current_app.extensions["celery"], notification_id)
+def _send(notification_id: int, countdown: int | None = None, retries: int = 0) -> None:
+    enqueue(current_app.extensions["celery"], notification_id, countdown=countdown, retries=retries)
 
 
 @shared_task(bind=True, name=PROCESS_TASK, max_retries=None)
@@ -54,7 +47,7 @@ def process_notifications(notification_ids: list[int]) -> str:
         message, countdown = processing.run(services, notification_id, 0)
         if countdown is not None:
             try:
-                enqueue_retry(current_app.extensions["celery"], notification_id, countdown, 1)
+                _send(notification_id, countdown, retries=1)
             except Exception as exc:
                 # Its next attempt is on the row: the sweeper sends it then.
                 log.warning(
