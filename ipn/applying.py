@@ -5,7 +5,8 @@ settled inbox row, all or none (data-modifying CTEs, run by PostgreSQL as one st
 The common case of a worker's transaction: a payment moved or noted, nothing to flag. Anything
 else goes through the ORM writer of ipn.transitions, whose rules this one follows: the change
 is decided by `judge`, set on the payment by `take`, and its event built by the outbox. The
-statements are built once; each write only binds its values."""
+statements are built once and run by the driver (ipn.db.Prepared); each write only binds its
+values."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from ipn.db import prepared
 from ipn.events import outbox
 from ipn.inbox import settled_values
 from ipn.polling import Schedule
@@ -128,8 +130,11 @@ def write_and_settle(
     params.update({f"p_{name}": getattr(payment, name) for name in PAYMENT_COLUMNS})
     params.update({f"n_{name}": settled[name] for name in SETTLED_COLUMNS})
     # No parameter is named after a column: an UPDATE takes such a parameter as a value to set.
-    row = session.execute(_statement(moved), params).one()
-    return Written(row.moved, row.received_at, list(row.deliveries or []))
+    connection = session.connection()
+    [(written, received_at, deliveries)] = prepared(_statement(moved), connection.dialect).rows(
+        connection, params
+    )
+    return Written(written, received_at, list(deliveries or []))
 
 
 @cache

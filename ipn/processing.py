@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from traceback import format_exception
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import (
@@ -28,6 +28,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from ipn import applying
 from ipn.anomalies import open_anomaly
 from ipn.config import DEFAULT_ACCOUNT
+from ipn.db import prepared
 from ipn.errors import (
     ConcurrentUpdate,
     ForgedCallback,
@@ -453,26 +454,28 @@ def _claim(services: Services, notification_id: int, now: datetime) -> Claim | N
     db = services.db
     if db.is_postgresql:
         with db.autocommit.connect() as connection:
-            row = connection.execute(_CLAIM, params).one_or_none()
+            rows = prepared(_CLAIM, connection.dialect).rows(connection, params)
     else:
         with db.engine.begin() as connection:
-            row = connection.execute(_CLAIM, params).one_or_none()
-    if row is None:
+            rows = list(connection.execute(_CLAIM, params))
+    if not rows:
         _bind_settled(services, notification_id)
         return None
-    _bind_row(row)
+    (id_, provider, kind, body, headers, remote_addr, replay_mode, attempts, replayed_by,
+     account, received_at, request_id, payment_id) = rows[0]  # fmt: skip
+    _bind_owner(request_id, provider, account, payment_id)
     return Claim(
-        row.id,
-        row.provider,
-        row.kind.value,
-        row.body,
-        dict(row.headers),
-        row.remote_addr,
-        row.replay_mode,
-        row.attempts,
-        row[8] if row.replay_mode is not None else None,
-        row.account,
-        row.received_at,
+        id_,
+        provider,
+        kind.value,
+        body,
+        dict(headers),
+        remote_addr,
+        replay_mode,
+        attempts,
+        replayed_by if replay_mode is not None else None,
+        account,
+        received_at,
     )
 
 
@@ -488,16 +491,18 @@ def _bind_settled(services: Services, notification_id: int) -> None:
             ).where(Notification.id == notification_id)
         ).one_or_none()
     if row is not None:
-        _bind_row(row)
+        _bind_owner(*row)
 
 
-def _bind_row(row: Any) -> None:
+def _bind_owner(
+    request_id: str | None, provider: str, account: str, payment_id: str | None
+) -> None:
     """The row's request, provider, named account and payment on every line logged for it."""
     bind(
-        request_id=row.request_id,
-        provider=row.provider,
-        account=None if row.account == DEFAULT_ACCOUNT else row.account,
-        payment_id=row.payment_id,
+        request_id=request_id,
+        provider=provider,
+        account=None if account == DEFAULT_ACCOUNT else account,
+        payment_id=payment_id,
     )
 
 

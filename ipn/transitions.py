@@ -11,11 +11,12 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Select, or_, select
+from sqlalchemy import Connection, Select, bindparam, or_, select
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from ipn.anomalies import open_anomaly
 from ipn.config import DEFAULT_ACCOUNT
+from ipn.db import prepared
 from ipn.events import outbox
 from ipn.polling import Schedule
 from ipn.providers.base import Decision, PaymentRef, Provider, Snapshot
@@ -621,16 +622,27 @@ def read_payment(
     connection: Connection, provider: str, ref: PaymentRef, *, account: str = DEFAULT_ACCOUNT
 ) -> Payment | None:
     """`find_payment` outside any session: the payment as committed when read, detached, as a
-    closed session would leave it. The worker's read before its status query; selected with
-    Core and filled in directly, it costs about a third less than the ORM's loading."""
-    query = _lookup(select(*_PAYMENT_COLUMNS), provider, ref, account)
-    if query is None:
+    closed session would leave it. The worker's read before its status query: a statement built
+    once per kind of reference (on PostgreSQL run by the driver, ipn.db.Prepared), its rows put
+    into instances directly, at a fraction of the ORM's loading."""
+    by = (bool(ref.provider_payment_id), bool(ref.order_id))
+    if by == (False, False):
         return None
+    query = _READ_PAYMENT[by]
+    params = {"provider": provider, "account": account}
+    if ref.provider_payment_id:
+        params["provider_payment_id"] = ref.provider_payment_id
+    if ref.order_id:
+        params["order_id"] = ref.order_id
+    if connection.dialect.name == "postgresql":
+        rows = prepared(query, connection.dialect).rows(connection, params)
+    else:
+        rows = list(connection.execute(query, params))
     matches = []
-    for row in connection.execute(query):
+    for row in rows:
         payment = _PAYMENT_MANAGER.new_instance()
-        for key, value in zip(_PAYMENT_KEYS, row, strict=True):
-            setattr(payment, key, value)
+        # As the ORM's loader fills an instance: into its dict, with no history to record.
+        payment.__dict__.update(zip(_PAYMENT_KEYS, row, strict=True))
         # As loaded: no pending changes, an identity key, so a session takes it as it is.
         make_transient_to_detached(payment)
         matches.append(payment)
@@ -640,6 +652,27 @@ def read_payment(
 _PAYMENT_KEYS = [prop.key for prop in Payment.__mapper__.column_attrs]
 _PAYMENT_COLUMNS = [prop.columns[0].label(prop.key) for prop in Payment.__mapper__.column_attrs]
 _PAYMENT_MANAGER = Payment.__mapper__.class_manager
+
+
+def _read_payment_by(provider_payment_id: bool, order_id: bool) -> Select[Any]:
+    keys = []
+    if provider_payment_id:
+        keys.append(Payment.provider_payment_id == bindparam("provider_payment_id"))
+    if order_id:
+        keys.append(Payment.order_id == bindparam("order_id"))
+    return select(*_PAYMENT_COLUMNS).where(
+        Payment.provider == bindparam("provider"),
+        Payment.account == bindparam("account"),
+        or_(*keys),
+    )
+
+
+# By which keys the reference names its payment: the provider's id, our order id, or both.
+_READ_PAYMENT = {
+    (True, False): _read_payment_by(True, False),
+    (False, True): _read_payment_by(False, True),
+    (True, True): _read_payment_by(True, True),
+}
 
 
 def _lookup(query: Select[Any], provider: str, ref: PaymentRef, account: str) -> Select[Any] | None:
