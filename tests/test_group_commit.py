@@ -79,3 +79,13 @@ def test_a_batch_is_all_or_nothing(db: Database) -> None:
     with pytest.raises(DBAPIError):
         _insert_postgresql(db, [row(b"good"), row(b"bad", "x" * 65)])
     assert count_notifications(db) == 0
+
+
+def test_each_row_of_a_full_batch_gets_its_own_id(db: Database) -> None:
+    """One statement of the most rows a batch takes: the ids come back in the rows' order."""
+    rows = [row(f"callback {n}".encode()) for n in range(GroupCommit.MAX_ROWS)]
+    ids = _insert_postgresql(db, rows)
+    with db.sessions() as session:
+        bodies = dict(session.execute(select(Notification.id, Notification.body)).all())
+    assert [bodies[notification_id] for notification_id in ids] == [r[6] for r in rows]
+    assert len(set(ids)) == len(rows) == count_notifications(db)
