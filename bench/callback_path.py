@@ -39,7 +39,7 @@ from support import (  # noqa: E402
     closed_loop,
     floor_web,
     free_port,
-    open_loop,
+    open_loop_apart,
     percentile,
     provider_env,
     ready,
@@ -131,7 +131,7 @@ def main() -> None:
                     elif turn:
                         redis_server.start()
                     requests = [next(load) for _ in range(count)]
-                    seconds, codes, _ = open_loop(project_port, PATH, requests, args.rate)
+                    seconds, codes, _ = open_loop_apart(project_port, PATH, requests, args.rate)
                     bad = sum(1 for c in codes if c != 200)
                     if bad:
                         raise SystemExit(f"{phase}: {bad} of {count} answers were not 200")
