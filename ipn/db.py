@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
 from decimal import Decimal
@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Connection, Dialect, Engine, ReturnsRows, Select, create_engine, event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -163,8 +163,9 @@ class Prepared:
                 self._binds[name] = processor
         self._types = [column.type for column in statement.exported_columns]
         # Some result processors depend on the type the server reports (numeric's), so they
-        # are taken from the first run's description.
-        self._results: list[Any] | None = None
+        # are taken from the first run's description: (column index, processor) of each
+        # column that has one.
+        self._results: list[tuple[int, Any]] | None = None
 
     def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Run on `connection` (in its transaction, if it is in one) and return every row."""
@@ -184,32 +185,42 @@ class Prepared:
                 # As SQLAlchemy does on a disconnect: every idle connection is as dead as this.
                 connection.invalidate(exc)
                 connection.engine.dispose(close=False)
-            # Never the parameters, even hidden: they hold the callbacks' bodies.
-            raise DBAPIError.instance(
-                self.sql,
-                None,
-                exc,
-                psycopg.Error,
-                hide_parameters=True,
-                connection_invalidated=lost,
-            ) from exc
-        processors = [(i, p) for i, p in enumerate(self._results) if p is not None]
-        if not processors:
+            raise driver_error(self.sql, exc, lost) from exc
+        if not self._results:
             return rows
         converted = []
         for row in rows:
             values_out = list(row)
-            for i, processor in processors:
+            for i, processor in self._results:
                 values_out[i] = processor(values_out[i])
             converted.append(tuple(values_out))
         return converted
 
-    def _result_processors(self, cursor: psycopg.Cursor[Any]) -> list[Any]:
+    def _result_processors(self, cursor: psycopg.Cursor[Any]) -> list[tuple[int, Any]]:
         described = cursor.description or []
-        return [
+        processors = [
             type_.dialect_impl(self._dialect).result_processor(self._dialect, column.type_code)
             for type_, column in zip(self._types, described, strict=True)
         ]
+        return [(i, processor) for i, processor in enumerate(processors) if processor is not None]
+
+
+def driver_error(sql: str, exc: psycopg.Error, lost: bool) -> StatementError:
+    """A psycopg error as SQLAlchemy raises it for `sql`. Never with the parameters, even
+    hidden: they hold the callbacks' bodies."""
+    return DBAPIError.instance(
+        sql, None, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost
+    )
+
+
+def fetch_rows(
+    connection: Connection, statement: ReturnsRows, params: Mapping[str, Any]
+) -> Sequence[Sequence[Any]]:
+    """Every row of `statement`: on PostgreSQL run by the driver (`Prepared`), elsewhere by
+    SQLAlchemy."""
+    if connection.dialect.name == "postgresql":
+        return prepared(statement, connection.dialect).rows(connection, params)
+    return list(connection.execute(statement, params))  # type: ignore[call-overload]
 
 
 _PREPARED: weakref.WeakKeyDictionary[Dialect, dict[ReturnsRows, Prepared]] = (

@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import insert, update
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from ipn.config import DEFAULT_ACCOUNT
-from ipn.db import Database, dumps
+from ipn.db import Database, driver_error, dumps
 from ipn.metrics import observe_settled
 from models import Notification, NotificationKind, NotificationStatus, utcnow
 
@@ -133,16 +133,14 @@ def _insert_postgresql(db: Database, rows: list[tuple[object, ...]]) -> list[int
         # The pool's connect errors are the driver's own: SQLAlchemy wraps only its own calls.
         pooled = db.engine.raw_connection()
     except psycopg.Error as exc:
-        raise _wrapped(exc, lost=False) from exc
+        raise driver_error(_STORE_SQL, exc, lost=False) from exc
     driver: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
-    ids: list[int] = []
+    sql = _store_many_sql(len(rows))
     try:
         try:
             driver.autocommit = True
             with driver.cursor() as cursor:
-                cursor.execute(
-                    _store_many_sql(len(rows)), [v for row in rows for v in row], prepare=True
-                )
+                cursor.execute(sql, [v for row in rows for v in row], prepare=True)
                 # The ids come from the sequence in the order of the VALUES list (one statement
                 # takes them one row after another, in increasing order): sorted, they are the
                 # rows' ids in order, whatever order RETURNING gives them in.
@@ -155,7 +153,7 @@ def _insert_postgresql(db: Database, rows: list[tuple[object, ...]]) -> list[int
         if lost:
             pooled.invalidate(exc)
             db.engine.dispose(close=False)
-        raise _wrapped(exc, lost) from exc
+        raise driver_error(sql, exc, lost) from exc
     finally:
         pooled.close()
     return ids
@@ -257,13 +255,6 @@ def _committer(db: Database) -> GroupCommit:
         if committer is None:
             committer = _committers[db] = GroupCommit(db)
         return committer
-
-
-def _wrapped(exc: psycopg.Error, lost: bool) -> StatementError:
-    # Never the parameters, even hidden: they hold the callbacks' bodies.
-    return DBAPIError.instance(
-        _STORE_SQL, None, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost
-    )
 
 
 def settle(

@@ -28,7 +28,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from ipn import applying
 from ipn.anomalies import open_anomaly
 from ipn.config import DEFAULT_ACCOUNT
-from ipn.db import prepared
+from ipn.db import fetch_rows
 from ipn.errors import (
     ConcurrentUpdate,
     ForgedCallback,
@@ -454,10 +454,10 @@ def _claim(services: Services, notification_id: int, now: datetime) -> Claim | N
     db = services.db
     if db.is_postgresql:
         with db.autocommit.connect() as connection:
-            rows = prepared(_CLAIM, connection.dialect).rows(connection, params)
+            rows = fetch_rows(connection, _CLAIM, params)
     else:
         with db.engine.begin() as connection:
-            rows = list(connection.execute(_CLAIM, params))
+            rows = fetch_rows(connection, _CLAIM, params)
     if not rows:
         _bind_settled(services, notification_id)
         return None

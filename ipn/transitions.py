@@ -11,12 +11,12 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Select, bindparam, or_, select
+from sqlalchemy import ColumnElement, Connection, bindparam, or_, select
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from ipn.anomalies import open_anomaly
 from ipn.config import DEFAULT_ACCOUNT
-from ipn.db import prepared
+from ipn.db import fetch_rows
 from ipn.events import outbox
 from ipn.polling import Schedule
 from ipn.providers.base import Decision, PaymentRef, Provider, Snapshot
@@ -610,12 +610,14 @@ def find_payment(
 ) -> Payment | None:
     """The payment a reference names within one account: the provider's id first, then our
     order id. One account's credentials never speak for another's payments."""
-    query = _lookup(select(Payment), provider, ref, account)
-    if query is None:
+    named = _naming(provider, ref, account)
+    if named is None:
         return None
+    by, params = named
+    query = select(Payment).where(*_named_by(by))
     if lock:
         query = query.with_for_update()
-    return _one_of(session.execute(query).scalars().all(), ref)
+    return _one_of(session.execute(query, params).scalars().all(), ref)
 
 
 def read_payment(
@@ -625,21 +627,12 @@ def read_payment(
     closed session would leave it. The worker's read before its status query: a statement built
     once per kind of reference (on PostgreSQL run by the driver, ipn.db.Prepared), its rows put
     into instances directly, at a fraction of the ORM's loading."""
-    by = (bool(ref.provider_payment_id), bool(ref.order_id))
-    if by == (False, False):
+    named = _naming(provider, ref, account)
+    if named is None:
         return None
-    query = _READ_PAYMENT[by]
-    params = {"provider": provider, "account": account}
-    if ref.provider_payment_id:
-        params["provider_payment_id"] = ref.provider_payment_id
-    if ref.order_id:
-        params["order_id"] = ref.order_id
-    if connection.dialect.name == "postgresql":
-        rows = prepared(query, connection.dialect).rows(connection, params)
-    else:
-        rows = list(connection.execute(query, params))
+    by, params = named
     matches = []
-    for row in rows:
+    for row in fetch_rows(connection, _READ_PAYMENT[by], params):
         payment = _PAYMENT_MANAGER.new_instance()
         # As the ORM's loader fills an instance: into its dict, with no history to record.
         payment.__dict__.update(zip(_PAYMENT_KEYS, row, strict=True))
@@ -649,41 +642,43 @@ def read_payment(
     return _one_of(matches, ref)
 
 
-_PAYMENT_KEYS = [prop.key for prop in Payment.__mapper__.column_attrs]
-_PAYMENT_COLUMNS = [prop.columns[0].label(prop.key) for prop in Payment.__mapper__.column_attrs]
-_PAYMENT_MANAGER = Payment.__mapper__.class_manager
+# By which keys a reference names its payment: (the provider's id, our order id).
+_By = tuple[bool, bool]
 
 
-def _read_payment_by(provider_payment_id: bool, order_id: bool) -> Select[Any]:
+def _naming(provider: str, ref: PaymentRef, account: str) -> tuple[_By, dict[str, str]] | None:
+    """The keys `ref` names its payment by and the values to look for, None if it has none."""
+    by = (bool(ref.provider_payment_id), bool(ref.order_id))
+    if by == (False, False):
+        return None
+    params = {"provider": provider, "account": account}
+    if ref.provider_payment_id:
+        params["provider_payment_id"] = ref.provider_payment_id
+    if ref.order_id:
+        params["order_id"] = ref.order_id
+    return by, params
+
+
+def _named_by(by: _By) -> list[ColumnElement[bool]]:
     keys = []
-    if provider_payment_id:
+    if by[0]:
         keys.append(Payment.provider_payment_id == bindparam("provider_payment_id"))
-    if order_id:
+    if by[1]:
         keys.append(Payment.order_id == bindparam("order_id"))
-    return select(*_PAYMENT_COLUMNS).where(
+    return [
         Payment.provider == bindparam("provider"),
         Payment.account == bindparam("account"),
         or_(*keys),
-    )
+    ]
 
 
-# By which keys the reference names its payment: the provider's id, our order id, or both.
+_PAYMENT_KEYS = [prop.key for prop in Payment.__mapper__.column_attrs]
+_PAYMENT_COLUMNS = [prop.columns[0].label(prop.key) for prop in Payment.__mapper__.column_attrs]
+_PAYMENT_MANAGER = Payment.__mapper__.class_manager
 _READ_PAYMENT = {
-    (True, False): _read_payment_by(True, False),
-    (False, True): _read_payment_by(False, True),
-    (True, True): _read_payment_by(True, True),
+    by: select(*_PAYMENT_COLUMNS).where(*_named_by(by))
+    for by in ((True, False), (False, True), (True, True))
 }
-
-
-def _lookup(query: Select[Any], provider: str, ref: PaymentRef, account: str) -> Select[Any] | None:
-    conditions = []
-    if ref.provider_payment_id:
-        conditions.append(Payment.provider_payment_id == ref.provider_payment_id)
-    if ref.order_id:
-        conditions.append(Payment.order_id == ref.order_id)
-    if not conditions:
-        return None
-    return query.where(Payment.provider == provider, Payment.account == account, or_(*conditions))
 
 
 def _one_of(matches: Sequence[Payment], ref: PaymentRef) -> Payment | None:
