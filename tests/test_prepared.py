@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from ipn.db import Prepared, prepared
 from ipn.services import Services
 from models import Notification, NotificationKind, NotificationStatus, Payment, PaymentStatus
-from tests.helpers import make_payment
+
+from helpers import make_payment
 
 pytestmark = [
     pytest.mark.postgres,
